@@ -1,0 +1,1 @@
+"""tenantflow package (being built)."""

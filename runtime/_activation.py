@@ -1,0 +1,447 @@
+"""The engine's side of one activation: turn the workflow's commands into durable records.
+
+The invariant every handler keeps is *persist before proceeding*: a reply that lets
+``run()`` continue is sent only after the unit recording the step has committed.
+Handlers never trust the workflow side: names, sizes and sequence numbers are checked
+again here, and a violation is handled like a crash of the sandbox.
+
+         workflow side                 this module                     writer
+    StepFinished(seq, ok) ──▶ build StepRecord ──▶ submit(put_step) ──▶ COMMIT (grouped)
+                          ◀── Reply(value|raise|retry|suspend) ◀──────────┘
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final
+
+import msgpack
+import trio
+
+from sandbox._durations import MAX_SLEEP_SECONDS
+from sandbox._retry import RetryPolicy, RetryPolicyError, merge_retry_policy
+from sandbox.protocol import (
+    EVENT_TYPE_PATTERN,
+    MAX_ID_LENGTH,
+    MAX_PAYLOAD_BYTES,
+    MAX_STEP_NAME_LENGTH,
+    Command,
+    ErrorInfo,
+    LogLine,
+    Reply,
+    ReplyKind,
+    SleepRequested,
+    StepFinished,
+    StepKind,
+    StepStarted,
+    StepStatus,
+    Suspended,
+    WaitRequested,
+    WorkflowFinished,
+)
+
+from ._models import InstanceStatus, StepRecord
+from ._runner import ActivationChannel, RunnerError
+from ._storage import StoreTxn
+from .errors import LeaseLost
+
+if TYPE_CHECKING:
+    from ._engine import Engine
+
+__all__ = ["ActivationDriver", "ProtocolViolation", "Session"]
+
+_MAX_LOG_LINES_PER_ACTIVATION: Final = 10_000
+
+
+class ProtocolViolation(RunnerError):
+    """The workflow side sent something no honest executor sends."""
+
+
+@dataclass
+class _Attempt:
+    seq: int
+    name: str
+    count: int
+    attempt: int
+    policy: RetryPolicy
+    started_at: float
+    deadline_scope: trio.CancelScope
+
+
+@dataclass
+class Session:
+    """What the engine knows, in memory, about an instance that is running now."""
+
+    key: int
+    tenant_id: str
+    instance_id: str
+    token: int
+    activation_id: int
+    inflight: dict[int, _Attempt] = field(default_factory=dict)
+    stopped: bool = False  #: terminated or restarted: nothing it sends counts any more
+    channel: ActivationChannel | None = None
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    log_lines: int = 0
+
+
+def _check_name(name: object) -> str:
+    if (
+        not isinstance(name, str)
+        or not name
+        or len(name) > MAX_STEP_NAME_LENGTH
+        or any(unicodedata.category(ch) == "Cc" for ch in name)
+    ):
+        raise ProtocolViolation(f"invalid step name {name!r:.80}")
+    return name
+
+
+def _payload_error(value: Any, what: str) -> ErrorInfo | None:
+    try:
+        size = len(msgpack.packb(value, use_bin_type=True))
+    except (TypeError, ValueError, OverflowError) as exc:
+        return ErrorInfo("SerializationError", f"{what} is not serializable: {exc}", False)
+    if size > MAX_PAYLOAD_BYTES:
+        return ErrorInfo(
+            "PayloadTooLargeError",
+            f"{what} is {size} bytes, more than the limit of {MAX_PAYLOAD_BYTES}",
+            False,
+            code="payload.too_large",
+        )
+    return None
+
+
+class ActivationDriver:
+    """Converses with one activation until it finishes, suspends, crashes or is stopped."""
+
+    def __init__(self, engine: Engine, session: Session, max_steps: int) -> None:
+        self._engine = engine
+        self._session = session
+        self._max_steps = max_steps
+        self._clock = engine.clock
+        self._writer = engine.writer
+        self._expired: set[int] = set()
+
+    async def converse(self, channel: ActivationChannel) -> Command | None:
+        """Handle commands until the final one; None if the session was stopped."""
+        session = self._session
+        session.channel = channel
+        async with trio.open_nursery() as timers:
+            try:
+                with session.scope:
+                    while True:
+                        command = await channel.receive()
+                        if session.stopped:
+                            return None
+                        if isinstance(command, WorkflowFinished | Suspended):
+                            return command
+                        await self._handle(command, channel, timers)
+                return None  # the scope was cancelled: a timeout or a stop
+            finally:
+                timers.cancel_scope.cancel()
+
+    async def _handle(
+        self, command: Command, channel: ActivationChannel, timers: trio.Nursery
+    ) -> None:
+        if getattr(command, "activation_id", None) != self._session.activation_id:
+            raise ProtocolViolation("a command for another activation")
+        if isinstance(command, LogLine):
+            self._log(command)
+            return
+        seq = getattr(command, "seq", 0)
+        if not isinstance(seq, int) or not 1 <= seq <= self._max_steps:
+            raise ProtocolViolation(f"step position {seq!r:.20} is out of range")
+        _check_name(getattr(command, "name", None))
+        if isinstance(command, StepStarted):
+            self._start_attempt(command, timers)
+            return
+        if isinstance(command, StepFinished):
+            reply = await self._finish_attempt(command)
+        elif isinstance(command, SleepRequested):
+            reply = await self._sleep(command)
+        elif isinstance(command, WaitRequested):
+            reply = await self._wait(command)
+        else:
+            raise ProtocolViolation(f"unexpected command {type(command).__name__}")
+        await channel.reply(reply)
+
+    # -- step.do ----------------------------------------------------------------------
+
+    def _start_attempt(self, command: StepStarted, timers: trio.Nursery) -> None:
+        try:
+            policy = merge_retry_policy(command.retries)
+        except RetryPolicyError:
+            policy = RetryPolicy()
+        timeout = command.timeout
+        if not isinstance(timeout, int | float) or not 0 < timeout <= MAX_SLEEP_SECONDS:
+            raise ProtocolViolation("invalid step timeout")
+        now = self._clock.now()
+        attempt = _Attempt(
+            command.seq, command.name, command.count, command.attempt, policy, now,
+            trio.CancelScope(),
+        )
+        previous = self._session.inflight.get(command.seq)
+        if previous is not None:
+            previous.deadline_scope.cancel()
+        self._session.inflight[command.seq] = attempt
+        timers.start_soon(self._expire, attempt, now + timeout)
+
+    async def _expire(self, attempt: _Attempt, deadline: float) -> None:
+        with attempt.deadline_scope:
+            await self._clock.sleep_until(deadline)
+        if attempt.deadline_scope.cancelled_caught or attempt.deadline_scope.cancel_called:
+            return
+        if self._session.inflight.get(attempt.seq) is not attempt:
+            return
+        # The attempt overran its timeout: it fails, and whatever runs it is stopped (a
+        # thread cannot be interrupted, so it is abandoned; a sandbox is killed). Every
+        # other attempt in flight shares its fate, as if its process had crashed.
+        self._session.inflight.pop(attempt.seq)
+        self._expired.add(attempt.seq)
+        # Shielded: the conversation may end meanwhile, but the failure must be recorded.
+        with trio.CancelScope(shield=True):
+            await self._record_failure(
+                attempt,
+                ErrorInfo("StepTimeoutError", "step attempt timed out", code="step.timeout"),
+            )
+            await self.fail_inflight(
+                ErrorInfo("SandboxCrashedError", "stopped together with a timed-out step")
+            )
+            if self._session.channel is not None:
+                await self._session.channel.abort("step timeout")
+        self._session.scope.cancel()
+
+    async def _finish_attempt(self, command: StepFinished) -> Reply:
+        if command.seq in self._expired:
+            return Reply(self._session.activation_id, command.seq, ReplyKind.SUSPEND)
+        attempt = self._session.inflight.pop(command.seq, None)
+        if attempt is None or attempt.attempt != command.attempt:
+            raise ProtocolViolation(f"step {command.name!r} finished without starting")
+        attempt.deadline_scope.cancel()
+        if command.ok:
+            error = _payload_error(command.output, "step result")
+            if error is None:
+                step = self._step(attempt, StepStatus.COMPLETE, output=command.output)
+                # A pause takes effect here, at the step boundary, once the result is safe.
+                kind = ReplyKind.SUSPEND if await self._record(step) else ReplyKind.VALUE
+                return Reply(self._session.activation_id, command.seq, kind)
+        else:
+            error = command.error or ErrorInfo("Error", "")
+        return await self._record_failure(attempt, error)
+
+    async def _record_failure(self, attempt: _Attempt, error: ErrorInfo) -> Reply:
+        aid, seq = self._session.activation_id, attempt.seq
+        next_attempt = attempt.attempt + 1
+        if error.retryable and attempt.policy.allows(next_attempt):
+            delay = attempt.policy.delay_before(next_attempt)
+            wake = self._clock.now() + delay
+            pause = await self._record(
+                self._step(attempt, StepStatus.RETRYING, error=error, wake_at=wake)
+            )
+            if delay <= 0 and not pause:
+                return Reply(aid, seq, ReplyKind.RETRY, attempt=next_attempt)
+            return Reply(aid, seq, ReplyKind.SUSPEND)
+        if await self._record(self._step(attempt, StepStatus.ERRORED, error=error)):
+            return Reply(aid, seq, ReplyKind.SUSPEND)
+        return Reply(aid, seq, ReplyKind.RAISE, error=error)
+
+    async def fail_inflight(self, error: ErrorInfo) -> None:
+        """Record every attempt in flight as failed (the process running it died)."""
+        for seq in sorted(self._session.inflight):
+            attempt = self._session.inflight.pop(seq)
+            attempt.deadline_scope.cancel()
+            await self._record_failure(attempt, error)
+
+    def _step(
+        self,
+        attempt: _Attempt,
+        status: StepStatus,
+        *,
+        output: Any = None,
+        error: ErrorInfo | None = None,
+        wake_at: float | None = None,
+    ) -> StepRecord:
+        ended = None if status is StepStatus.RETRYING else self._clock.now()
+        return StepRecord(
+            seq=attempt.seq,
+            name=attempt.name,
+            count=attempt.count,
+            kind=StepKind.DO,
+            status=status,
+            attempts=attempt.attempt,
+            started_at=attempt.started_at,
+            ended_at=ended,
+            output=output,
+            error=error,
+            wake_at=wake_at,
+        )
+
+    async def _record(self, step: StepRecord) -> bool:
+        """Make ``step`` durable; True if a pause now waits for this instance."""
+        key, token = self._session.key, self._session.token
+
+        def unit(txn: StoreTxn) -> bool:
+            txn.put_step(key, token, step)
+            return txn.get_status(key) is InstanceStatus.WAITING_FOR_PAUSE
+
+        pause = await self._writer.submit(unit)
+        self._engine.notify_change(key)
+        return pause
+
+    # -- step.sleep -------------------------------------------------------------------
+
+    async def _sleep(self, command: SleepRequested) -> Reply:
+        aid, key, token = self._session.activation_id, self._session.key, self._session.token
+        now = self._clock.now()
+        if command.until is not None:
+            wake = float(command.until)
+            in_past = wake < now
+        else:
+            duration = command.duration
+            if not isinstance(duration, int | float) or not 0 <= duration <= MAX_SLEEP_SECONDS:
+                raise ProtocolViolation("invalid sleep duration")
+            wake, in_past = now + duration, False
+        too_far = wake > now + MAX_SLEEP_SECONDS
+
+        def unit(txn: StoreTxn) -> Reply:
+            existing = txn.get_step(key, command.seq)
+            base = StepRecord(
+                command.seq, command.name, command.count, StepKind.SLEEP, StepStatus.WAITING,
+                started_at=now,
+            )
+            if existing is not None and existing.status is StepStatus.WAITING:
+                if existing.wake_at is not None and existing.wake_at > now:
+                    return Reply(aid, command.seq, ReplyKind.SUSPEND)
+                txn.put_step(key, token, _with(existing, StepStatus.COMPLETE, ended_at=now))
+                return Reply(aid, command.seq, ReplyKind.VALUE)
+            if in_past or too_far:
+                message = (
+                    "sleep_until target is in the past" if in_past
+                    else "a sleep lasts at most 365 days"
+                )
+                error = ErrorInfo("InvalidStepError", message, False)
+                txn.put_step(key, token, _with(base, StepStatus.ERRORED, ended_at=now, error=error))
+                return Reply(aid, command.seq, ReplyKind.RAISE, error=error)
+            if wake <= now:
+                txn.put_step(key, token, _with(base, StepStatus.COMPLETE, ended_at=now))
+                return Reply(aid, command.seq, ReplyKind.VALUE)
+            txn.put_step(key, token, _with(base, StepStatus.WAITING, wake_at=wake))
+            return Reply(aid, command.seq, ReplyKind.SUSPEND)
+
+        reply = await self._writer.submit(unit)
+        self._engine.notify_change(key)
+        return reply
+
+    # -- step.wait_for_event ----------------------------------------------------------
+
+    async def _wait(self, command: WaitRequested) -> Reply:
+        aid, key, token = self._session.activation_id, self._session.key, self._session.token
+        if (
+            not isinstance(command.event_type, str)
+            or len(command.event_type) > MAX_ID_LENGTH
+            or not EVENT_TYPE_PATTERN.fullmatch(command.event_type)
+        ):
+            raise ProtocolViolation("invalid event type")
+        timeout = command.timeout
+        if not isinstance(timeout, int | float) or not 0 <= timeout <= MAX_SLEEP_SECONDS:
+            raise ProtocolViolation("invalid event timeout")
+        now = self._clock.now()
+
+        def unit(txn: StoreTxn) -> Reply:
+            existing = txn.get_step(key, command.seq)
+            step = existing or StepRecord(
+                command.seq, command.name, command.count, StepKind.WAIT_FOR_EVENT,
+                StepStatus.WAITING, started_at=now, wake_at=now + timeout,
+                event_type=command.event_type,
+            )
+            event = txn.pop_event(key, command.event_type)
+            if event is not None:
+                value = {"type": command.event_type, "payload": event[0], "timestamp": event[1]}
+                txn.put_step(key, token, _with(step, StepStatus.COMPLETE, ended_at=now, output=value))
+                return Reply(aid, command.seq, ReplyKind.VALUE, value=value)
+            if step.wake_at is not None and step.wake_at <= now:
+                error = ErrorInfo("WorkflowTimeoutError", "timed out waiting for event", True)
+                txn.put_step(key, token, _with(step, StepStatus.ERRORED, ended_at=now, error=error))
+                return Reply(aid, command.seq, ReplyKind.RAISE, error=error)
+            if existing is None:
+                txn.put_step(key, token, step)
+            return Reply(aid, command.seq, ReplyKind.SUSPEND)
+
+        reply = await self._writer.submit(unit)
+        self._engine.notify_change(key)
+        return reply
+
+    # -- logs ---------------------------------------------------------------------------
+
+    def _log(self, command: LogLine) -> None:
+        session = self._session
+        session.log_lines += 1
+        if session.log_lines > _MAX_LOG_LINES_PER_ACTIVATION:
+            return
+        message = str(command.message)[:8192]
+        level = command.level if command.level in ("info", "warning", "error") else "info"
+        if session.log_lines == _MAX_LOG_LINES_PER_ACTIVATION:
+            level, message = "warning", "log limit reached: later lines are dropped"
+        line = (self._clock.now(), level, message)
+        key = session.key
+        self._writer.submit_nowait(lambda txn: txn.append_logs(key, [line]))
+        self._engine.notify_log(key)
+
+    # -- the end of an activation ---------------------------------------------------------
+
+    async def finish(self, final: WorkflowFinished) -> None:
+        """Record the instance's output or error."""
+        key, token, now = self._session.key, self._session.token, self._clock.now()
+        if final.ok:
+            error = _payload_error(final.output, "the workflow's return value")
+        else:
+            error = final.error or ErrorInfo("Error", "")
+        status = InstanceStatus.COMPLETE if error is None else InstanceStatus.ERRORED
+        output = final.output if error is None else None
+
+        def unit(txn: StoreTxn) -> None:
+            txn.update_instance(
+                key, now, token=token, status=status, output=output, error=error, wake_at=None
+            )
+
+        await self._submit_fenced(unit)
+
+    async def suspend(self) -> None:
+        """Park the instance: paused, waiting for its earliest timer, or queued again."""
+        key, token, now = self._session.key, self._session.token, self._clock.now()
+
+        def unit(txn: StoreTxn) -> tuple[InstanceStatus, float | None]:
+            current = txn.get_instance_by_key(key)
+            if current is not None and current.status is InstanceStatus.WAITING_FOR_PAUSE:
+                txn.update_instance(key, now, token=token, status=InstanceStatus.PAUSED, paused_at=now)
+                return InstanceStatus.PAUSED, None
+            pending, wake = txn.pending_wake(key)
+            if pending == 0:
+                txn.update_instance(
+                    key, now, token=token, status=InstanceStatus.QUEUED, wake_at=None, priority=0
+                )
+                return InstanceStatus.QUEUED, None
+            txn.update_instance(key, now, token=token, status=InstanceStatus.WAITING, wake_at=wake)
+            return InstanceStatus.WAITING, wake
+
+        result = await self._submit_fenced(unit)
+        if result is not None:
+            status, wake = result
+            if status is InstanceStatus.QUEUED:
+                self._engine.kick_dispatch()
+            elif wake is not None:
+                self._engine.kick_timers(wake)
+
+    async def _submit_fenced(self, unit: Any) -> Any:
+        try:
+            value = await self._writer.submit(unit)
+        except LeaseLost:
+            return None  # terminated or restarted meanwhile: the new owner decides
+        self._engine.notify_change(self._session.key)
+        return value
+
+
+def _with(step: StepRecord, status: StepStatus, **changes: Any) -> StepRecord:
+    values = {f: getattr(step, f) for f in StepRecord.__dataclass_fields__}
+    values.update(status=status, **changes)
+    return StepRecord(**values)

@@ -1,0 +1,682 @@
+"""The durable engine: instance API, dispatcher, timers and recovery.
+
+Three tasks run in the engine's nursery, next to one task per running instance::
+
+    writer      GroupCommitWriter: every database write, grouped into shared commits
+    dispatcher  queued instances -> running, woken before new, up to max_concurrency
+    timers      sleeps, retry backoffs and event timeouts that are due -> queued
+
+Nothing the engine needs in order to resume lives only in memory: statuses, the
+journal, buffered events and timers are rows. Memory holds only what is running now
+(``Session``) and caches that can be rebuilt; a restart after SIGKILL calls
+``recover_running`` and carries on from the database.
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
+
+import msgpack
+import trio
+
+from sandbox.protocol import (
+    DEFAULT_MAX_STEPS,
+    EVENT_TYPE_PATTERN,
+    INSTANCE_ID_PATTERN,
+    MAX_ID_LENGTH,
+    MAX_PAYLOAD_BYTES,
+    TENANT_ID_PATTERN,
+    Activate,
+    ErrorInfo,
+    JournalEntry,
+    StepKind,
+    StepStatus,
+    WorkflowFinished,
+)
+
+from ._activation import ActivationDriver, Session, _with
+from ._clock import Clock, WallClock
+from ._models import (
+    FINISHED_STATUSES,
+    InstanceRecord,
+    InstanceStatus,
+    InstanceSummary,
+    LogRecord,
+    StepRecord,
+)
+from ._runner import Runner, RunnerError, RunTarget
+from ._storage import Store, StoreTxn
+from ._writer import GroupCommitWriter
+from .errors import (
+    BadRequest,
+    CannotTerminate,
+    InstanceNotFound,
+    InvalidEventType,
+    InvalidInstanceId,
+    InvalidInstanceState,
+    LeaseLost,
+    PayloadTooLarge,
+    TenantNotFound,
+)
+
+__all__ = ["DEFAULT_WORKFLOW", "Engine", "InstanceView", "open_engine"]
+
+T = TypeVar("T")
+DEFAULT_WORKFLOW: Final = "TenantWorkflow"
+_WAKE_BATCH: Final = 500
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceView:
+    """An instance with its journal, as ``GET .../instances/{id}`` shows it."""
+
+    record: InstanceRecord
+    steps: tuple[StepRecord, ...]
+
+
+def check_tenant_id(tenant_id: object) -> str:
+    """Return ``tenant_id`` if it matches the pattern of SPEC 3, else raise TenantNotFound."""
+    if not isinstance(tenant_id, str) or not TENANT_ID_PATTERN.fullmatch(tenant_id):
+        raise TenantNotFound(f"invalid tenant id {tenant_id!r:.80}")
+    return tenant_id
+
+
+def check_instance_id(instance_id: object) -> str:
+    """Return ``instance_id`` if it matches SPEC 4's rule, else raise InvalidInstanceId."""
+    if (
+        not isinstance(instance_id, str)
+        or len(instance_id) > MAX_ID_LENGTH
+        or not INSTANCE_ID_PATTERN.fullmatch(instance_id)
+    ):
+        raise InvalidInstanceId(
+            f"invalid instance id {instance_id!r:.120}: at most {MAX_ID_LENGTH} characters of "
+            "letters, digits, '_' and '-', not starting with '-'"
+        )
+    return instance_id
+
+
+def check_payload(value: Any, what: str) -> None:
+    """Refuse what msgpack cannot carry and what exceeds 1 MiB."""
+    try:
+        size = len(msgpack.packb(value, use_bin_type=True))
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise BadRequest(f"{what} is not serializable: {exc}") from None
+    if size > MAX_PAYLOAD_BYTES:
+        raise PayloadTooLarge(f"{what} is {size} bytes, more than the limit of {MAX_PAYLOAD_BYTES}")
+
+
+class Engine:
+    """Runs tenants' workflow instances durably on a ``Store`` through a ``Runner``."""
+
+    def __init__(
+        self,
+        store: Store,
+        runner: Runner,
+        *,
+        clock: Clock | None = None,
+        max_concurrency: int = 1000,
+        max_steps: int = DEFAULT_MAX_STEPS,
+        current_version: Callable[[str], str | None] | None = None,
+    ) -> None:
+        if max_concurrency < 1:
+            raise ValueError("max_concurrency must be at least 1")
+        self.store = store
+        self.runner = runner
+        self.clock = clock or WallClock()
+        self.writer = GroupCommitWriter(store)
+        self.max_concurrency = max_concurrency
+        self.max_steps = max_steps
+        self._current_version = current_version
+        self._sessions: dict[int, Session] = {}
+        self._claiming: set[int] = set()
+        self._crashes: dict[int, int] = {}
+        self._activation_ids = itertools.count(1)
+        self._dispatch_wakeup = trio.Event()
+        self._dispatch_idle = False
+        self._timer_scope: trio.CancelScope | None = None
+        self._timer_target: float | None = None
+        self._timer_dirty = True
+        self._timer_idle = False
+        self._changed = trio.Event()
+        self._logged = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self.recovered = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled: recover what a crash left running, then dispatch."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await nursery.start(self.writer.run)
+            now = self.clock.now()
+            self.recovered = await self.writer.submit(lambda txn: txn.recover_running(now))
+            nursery.start_soon(self._timer_loop)
+            nursery.start_soon(self._dispatch_loop)
+            task_status.started()
+
+    def is_idle(self) -> bool:
+        """Nothing runs, nothing is queued or being written: only timers remain."""
+        return (
+            not self._sessions
+            and not self._claiming
+            and self.writer.idle
+            and self._dispatch_idle
+            and self._timer_idle
+            and not self._dispatch_wakeup.is_set()
+            and not self._timer_dirty
+        )
+
+    @property
+    def running_count(self) -> int:
+        """Instances holding a concurrency slot now."""
+        return len(self._sessions) + len(self._claiming)
+
+    # ------------------------------------------------------------------ notifications
+
+    def kick_dispatch(self) -> None:
+        """Tell the dispatcher that queued work or a free slot may exist."""
+        self._dispatch_wakeup.set()
+
+    def kick_timers(self, wake_at: float | None = None) -> None:
+        """Tell the timer loop a timer changed (earlier than it sleeps for, maybe)."""
+        self._timer_dirty = True
+        if self._timer_scope is not None and (
+            wake_at is None or self._timer_target is None or wake_at < self._timer_target
+        ):
+            self._timer_scope.cancel()
+
+    def notify_change(self, key: int) -> None:
+        """An instance's status or journal changed (wakes ``wait_for_*`` watchers)."""
+        changed, self._changed = self._changed, trio.Event()
+        changed.set()
+
+    def notify_log(self, key: int) -> None:
+        """An instance's log grew."""
+        logged, self._logged = self._logged, trio.Event()
+        logged.set()
+
+    # ------------------------------------------------------------------ the instance API
+
+    async def create(
+        self,
+        tenant_id: str,
+        *,
+        instance_id: str | None = None,
+        params: Any = None,
+        code_version: str = "",
+        workflow_name: str = DEFAULT_WORKFLOW,
+    ) -> tuple[str, InstanceStatus]:
+        """Persist a new ``queued`` instance and schedule it."""
+        check_tenant_id(tenant_id)
+        iid = uuid.uuid4().hex if instance_id is None else check_instance_id(instance_id)
+        check_payload(params, "params")
+        now = self.clock.now()
+        await self.writer.submit(
+            lambda txn: txn.insert_instance(tenant_id, iid, workflow_name, code_version, params, now)
+        )
+        self.kick_dispatch()
+        return iid, InstanceStatus.QUEUED
+
+    async def create_many(
+        self, tenant_id: str, items: Iterable[tuple[str | None, Any]], *, code_version: str = ""
+    ) -> list[tuple[str, InstanceStatus] | Exception]:
+        """Create several instances in one commit; each item succeeds or fails alone."""
+        check_tenant_id(tenant_id)
+        now = self.clock.now()
+        results: list[tuple[str, InstanceStatus] | Exception] = []
+        units: dict[int, Callable[[StoreTxn], Any]] = {}
+        for index, (instance_id, params) in enumerate(items):
+            try:
+                iid = uuid.uuid4().hex if instance_id is None else check_instance_id(instance_id)
+                check_payload(params, "params")
+            except Exception as exc:
+                results.append(exc)
+                continue
+            results.append((iid, InstanceStatus.QUEUED))
+            units[index] = _insert_unit(tenant_id, iid, code_version, params, now)
+        outcomes: dict[int, Exception | None] = {}
+
+        async def one(index: int, unit: Callable[[StoreTxn], Any]) -> None:
+            try:
+                await self.writer.submit(unit)
+                outcomes[index] = None
+            except Exception as exc:
+                outcomes[index] = exc
+
+        async with trio.open_nursery() as nursery:
+            for index, unit in units.items():
+                nursery.start_soon(one, index, unit)
+        for index, error in outcomes.items():
+            if error is not None:
+                results[index] = error
+        self.kick_dispatch()
+        return results
+
+    async def get(self, tenant_id: str, instance_id: str) -> InstanceView:
+        """The instance and its journal, with the attempts running now."""
+        check_tenant_id(tenant_id)
+
+        def read(txn: StoreTxn) -> InstanceView | None:
+            record = txn.get_instance(tenant_id, instance_id)
+            if record is None:
+                return None
+            return InstanceView(record, tuple(txn.load_steps(record.key)))
+
+        view = await self._read(read)
+        if view is None:
+            raise InstanceNotFound(tenant_id, instance_id)
+        session = self._sessions.get(view.record.key)
+        if session is None or not session.inflight:
+            return view
+        steps = {s.seq: s for s in view.steps}
+        for attempt in session.inflight.values():
+            previous = steps.get(attempt.seq)
+            steps[attempt.seq] = StepRecord(
+                attempt.seq, attempt.name, attempt.count, StepKind.DO, StepStatus.RUNNING,
+                attempts=attempt.attempt,
+                started_at=previous.started_at if previous else attempt.started_at,
+                error=previous.error if previous else None,
+            )
+        return InstanceView(view.record, tuple(steps[s] for s in sorted(steps)))
+
+    async def status(self, tenant_id: str, instance_id: str) -> InstanceStatus:
+        """Just the instance's status."""
+        return (await self._get_record(tenant_id, instance_id)).status
+
+    async def list_instances(
+        self, tenant_id: str, *, status: str | None = None, limit: int = 50, cursor: str | None = None
+    ) -> tuple[list[InstanceSummary], str | None]:
+        """A page of instances, newest first, and the cursor of the next page (or None)."""
+        check_tenant_id(tenant_id)
+        if status is not None and status not in {s.value for s in InstanceStatus}:
+            raise BadRequest(f"unknown status {status!r}")
+        if not 1 <= limit <= 1000:
+            raise BadRequest("limit must be between 1 and 1000")
+        try:
+            after = int(cursor) if cursor else None
+        except ValueError:
+            raise BadRequest(f"invalid cursor {cursor!r}") from None
+        rows = await self._read(lambda txn: txn.list_instances(tenant_id, status, limit + 1, after))
+        page = rows[:limit]
+        next_cursor = str(page[-1][0]) if len(rows) > limit else None
+        return [summary for _, summary in page], next_cursor
+
+    async def count_by_status(self, tenant_id: str | None = None) -> dict[str, int]:
+        """Instances per status, for one tenant or all."""
+        return await self._read(lambda txn: txn.count_by_status(tenant_id))
+
+    async def read_logs(
+        self, tenant_id: str, instance_id: str, after_id: int = 0, limit: int = 1000
+    ) -> list[LogRecord]:
+        """Log lines of an instance after ``after_id``."""
+        key = (await self._get_record(tenant_id, instance_id)).key
+        return await self._read(lambda txn: txn.read_logs(key, after_id, limit))
+
+    async def pause(self, tenant_id: str, instance_id: str) -> InstanceStatus:
+        """Pause now if nothing runs, else at the next step boundary (``waitingForPause``)."""
+        now = self.clock.now()
+
+        def unit(txn: StoreTxn) -> tuple[int, InstanceStatus]:
+            record = self._require(txn, tenant_id, instance_id)
+            status = record.status
+            if status in FINISHED_STATUSES:
+                raise InvalidInstanceState(f"cannot pause a {status.value} instance")
+            if status in (InstanceStatus.QUEUED, InstanceStatus.WAITING):
+                txn.update_instance(record.key, now, status=InstanceStatus.PAUSED, paused_at=now)
+                return record.key, InstanceStatus.PAUSED
+            if status is InstanceStatus.RUNNING:
+                txn.update_instance(record.key, now, status=InstanceStatus.WAITING_FOR_PAUSE)
+                return record.key, InstanceStatus.WAITING_FOR_PAUSE
+            return record.key, status
+
+        return await self._admin(unit)
+
+    async def resume(self, tenant_id: str, instance_id: str) -> InstanceStatus:
+        """Continue a paused instance, shifting its pending timers by the time it was paused."""
+        now = self.clock.now()
+
+        def unit(txn: StoreTxn) -> tuple[int, InstanceStatus]:
+            record = self._require(txn, tenant_id, instance_id)
+            status = record.status
+            if status is InstanceStatus.WAITING_FOR_PAUSE:
+                txn.update_instance(record.key, now, status=InstanceStatus.RUNNING)
+                return record.key, InstanceStatus.RUNNING
+            if status is not InstanceStatus.PAUSED:
+                if status in FINISHED_STATUSES:
+                    raise InvalidInstanceState(f"cannot resume a {status.value} instance")
+                return record.key, status
+            shift = max(0.0, now - (record.paused_at or now))
+            txn.shift_step_wakes(record.key, shift)
+            pending, wake = txn.pending_wake(record.key)
+            if pending == 0:
+                txn.update_instance(
+                    record.key, now, status=InstanceStatus.QUEUED, paused_at=None, wake_at=None,
+                    priority=0,
+                )
+                return record.key, InstanceStatus.QUEUED
+            txn.update_instance(
+                record.key, now, status=InstanceStatus.WAITING, paused_at=None, wake_at=wake
+            )
+            return record.key, InstanceStatus.WAITING
+
+        return await self._admin(unit)
+
+    async def terminate(self, tenant_id: str, instance_id: str) -> InstanceStatus:
+        """Stop the instance at once; a running activation is aborted."""
+        now = self.clock.now()
+
+        def unit(txn: StoreTxn) -> tuple[int, InstanceStatus]:
+            record = self._require(txn, tenant_id, instance_id)
+            if record.status in FINISHED_STATUSES:
+                raise CannotTerminate(
+                    f"instance {instance_id!r} is already {record.status.value}"
+                )
+            txn.update_instance(
+                record.key, now, status=InstanceStatus.TERMINATED, wake_at=None, new_token=True
+            )
+            return record.key, InstanceStatus.TERMINATED
+
+        return await self._admin(unit, stop=True)
+
+    async def restart(self, tenant_id: str, instance_id: str) -> InstanceStatus:
+        """Discard the journal and run again with the same id and params, on the current code."""
+        now = self.clock.now()
+        version = self._current_version(tenant_id) if self._current_version else None
+
+        def unit(txn: StoreTxn) -> tuple[int, InstanceStatus]:
+            record = self._require(txn, tenant_id, instance_id)
+            txn.delete_steps(record.key)
+            txn.update_instance(
+                record.key, now, status=InstanceStatus.QUEUED, output=None, error=None,
+                wake_at=None, paused_at=None, new_token=True, priority=1,
+                code_version=version or record.code_version,
+            )
+            return record.key, InstanceStatus.QUEUED
+
+        return await self._admin(unit, stop=True)
+
+    async def send_event(
+        self, tenant_id: str, instance_id: str, event_type: str, payload: Any = None
+    ) -> None:
+        """Deliver an event: to the step waiting for its type, or into the FIFO buffer."""
+        if (
+            not isinstance(event_type, str)
+            or len(event_type) > MAX_ID_LENGTH
+            or not EVENT_TYPE_PATTERN.fullmatch(event_type)
+        ):
+            raise InvalidEventType(
+                f"invalid event type {event_type!r:.120}: at most {MAX_ID_LENGTH} characters "
+                "of letters, digits, '_' and '-', not starting with '-'"
+            )
+        check_payload(payload, "event payload")
+        now = self.clock.now()
+
+        def unit(txn: StoreTxn) -> tuple[int, InstanceStatus]:
+            record = self._require(txn, tenant_id, instance_id)
+            if record.status in FINISHED_STATUSES:
+                raise InvalidInstanceState(
+                    f"instance {instance_id!r} is {record.status.value}: it takes no events"
+                )
+            txn.push_event(record.key, event_type, payload, now)
+            step = txn.find_waiting_event_step(record.key, event_type)
+            if step is None:
+                return record.key, record.status
+            event = txn.pop_event(record.key, event_type)
+            assert event is not None
+            value = {"type": event_type, "payload": event[0], "timestamp": event[1]}
+            txn.put_step(record.key, None, _with(step, StepStatus.COMPLETE, ended_at=now, output=value))
+            if record.status is InstanceStatus.WAITING:
+                pending, wake = txn.pending_wake(record.key)
+                if pending == 0:
+                    txn.update_instance(
+                        record.key, now, status=InstanceStatus.QUEUED, wake_at=None, priority=0
+                    )
+                    return record.key, InstanceStatus.QUEUED
+                txn.update_instance(record.key, now, wake_at=wake)
+            return record.key, record.status
+
+        await self._admin(unit)
+
+    async def wait_for_status(
+        self, tenant_id: str, instance_id: str, statuses: Iterable[InstanceStatus | str]
+    ) -> InstanceStatus:
+        """Return once the instance is in one of ``statuses`` (no timeout: wrap it in one)."""
+        wanted = {InstanceStatus(s) for s in statuses}
+        while True:
+            changed = self._changed
+            status = await self.status(tenant_id, instance_id)
+            if status in wanted:
+                return status
+            await changed.wait()
+
+    async def put_code_version(self, tenant_id: str, version: str, files: bytes) -> None:
+        """Store a tenant's code version (content-addressed; idempotent)."""
+        now = self.clock.now()
+        await self.writer.submit(lambda txn: txn.put_code_version(tenant_id, version, files, now))
+
+    async def get_code_version(self, tenant_id: str, version: str) -> bytes | None:
+        """A stored code version."""
+        return await self._read(lambda txn: txn.get_code_version(tenant_id, version))
+
+    # ------------------------------------------------------------------ helpers
+
+    async def _read(self, fn: Callable[[StoreTxn], T]) -> T:
+        return await trio.to_thread.run_sync(self.store.read, fn)
+
+    async def _get_record(self, tenant_id: str, instance_id: str) -> InstanceRecord:
+        check_tenant_id(tenant_id)
+        record = await self._read(lambda txn: txn.get_instance(tenant_id, instance_id))
+        if record is None:
+            raise InstanceNotFound(tenant_id, instance_id)
+        return record
+
+    @staticmethod
+    def _require(txn: StoreTxn, tenant_id: str, instance_id: str) -> InstanceRecord:
+        check_tenant_id(tenant_id)
+        record = txn.get_instance(tenant_id, instance_id)
+        if record is None:
+            raise InstanceNotFound(tenant_id, instance_id)
+        return record
+
+    async def _admin(
+        self, unit: Callable[[StoreTxn], tuple[int, InstanceStatus]], *, stop: bool = False
+    ) -> InstanceStatus:
+        key, status = await self.writer.submit(unit)
+        if stop and (session := self._sessions.get(key)) is not None:
+            session.stopped = True
+            if session.channel is not None:
+                await session.channel.abort("stopped by the API")
+            session.scope.cancel()
+        self.notify_change(key)
+        if status is InstanceStatus.QUEUED:
+            self.kick_dispatch()
+        self.kick_timers()
+        return status
+
+    # ------------------------------------------------------------------ dispatcher
+
+    async def _dispatch_loop(self) -> None:
+        assert self._nursery is not None
+        while True:
+            self._dispatch_wakeup = trio.Event()
+            started = 0
+            free = self.max_concurrency - self.running_count
+            if free > 0:
+                busy = set(self._sessions) | self._claiming
+                keys = await self._read(lambda txn: txn.queued_keys(free + len(busy)))
+                for key in keys:
+                    if started >= free:
+                        break
+                    if key in busy:
+                        continue
+                    self._claiming.add(key)
+                    self._nursery.start_soon(self._run_instance, key)
+                    started += 1
+            if started == 0:
+                self._dispatch_idle = True
+                await self._dispatch_wakeup.wait()
+                self._dispatch_idle = False
+
+    async def _run_instance(self, key: int) -> None:
+        now = self.clock.now()
+
+        def claim(txn: StoreTxn) -> tuple[InstanceRecord, list[StepRecord]] | None:
+            record = txn.claim_queued(key, now)
+            return None if record is None else (record, txn.load_steps(key))
+
+        try:
+            claimed = await self.writer.submit(claim)
+        except BaseException:
+            self._claiming.discard(key)
+            raise
+        if claimed is None:
+            self._claiming.discard(key)
+            return
+        record, steps = claimed
+        session = Session(
+            key, record.tenant_id, record.instance_id, record.run_token, next(self._activation_ids)
+        )
+        self._sessions[key] = session
+        self._claiming.discard(key)
+        self.notify_change(key)
+        try:
+            await self._drive(session, record, steps)
+        finally:
+            del self._sessions[key]
+            self.kick_dispatch()
+            self.notify_change(key)
+
+    async def _drive(
+        self, session: Session, record: InstanceRecord, steps: list[StepRecord]
+    ) -> None:
+        activation = Activate(
+            activation_id=session.activation_id,
+            instance_id=record.instance_id,
+            workflow_name=record.workflow_name,
+            payload=record.params,
+            timestamp=record.created_at,
+            journal=tuple(
+                JournalEntry(s.seq, s.name, s.count, s.kind, s.status, s.attempts, s.output, s.error)
+                for s in steps
+            ),
+            max_steps=self.max_steps,
+        )
+        target = RunTarget(record.tenant_id, record.code_version, record.workflow_name)
+        driver = ActivationDriver(self, session, self.max_steps)
+        final = None
+        crash: BaseException | None = None
+        try:
+            async with self.runner.open_activation(target, activation) as channel:
+                final = await driver.converse(channel)
+        except LeaseLost:
+            return  # terminated or restarted while running: the new owner decides
+        except RunnerError as exc:
+            crash = exc
+        if session.stopped:
+            return
+        try:
+            if isinstance(final, WorkflowFinished):
+                self._crashes.pop(session.key, None)
+                await driver.finish(final)
+            elif crash is not None and not session.inflight:
+                await self._park_after_crash(session, crash)
+            else:
+                if crash is not None:
+                    await driver.fail_inflight(ErrorInfo("SandboxCrashedError", str(crash)))
+                await driver.suspend()
+        except LeaseLost:
+            return
+
+    async def _park_after_crash(self, session: Session, crash: BaseException) -> None:
+        # A runner that fails between steps (or cannot start) is retried with a capped
+        # exponential delay, so a crash loop costs little and never spins.
+        crashes = self._crashes.get(session.key, 0) + 1
+        self._crashes[session.key] = crashes
+        now = self.clock.now()
+        wake = now + min(60.0, 0.1 * 2 ** (crashes - 1))
+        key, token = session.key, session.token
+        message = f"activation failed ({crash}); retrying at +{wake - now:.1f}s"
+
+        def unit(txn: StoreTxn) -> None:
+            txn.update_instance(key, now, token=token, status=InstanceStatus.WAITING, wake_at=wake)
+            txn.append_logs(key, [(now, "error", message)])
+
+        await self.writer.submit(unit)
+        self.kick_timers(wake)
+
+    # ------------------------------------------------------------------ timers
+
+    async def _timer_loop(self) -> None:
+        while True:
+            self._timer_dirty = False
+            now = self.clock.now()
+            woken = await self.writer.submit(lambda txn: _wake_due(txn, now, _WAKE_BATCH))
+            if woken:
+                self.kick_dispatch()
+                self.notify_change(-1)
+                if len(woken) >= _WAKE_BATCH:
+                    continue
+            target = await self._read(lambda txn: txn.next_wake_at())
+            if self._timer_dirty:
+                continue
+            with trio.CancelScope() as scope:
+                self._timer_scope, self._timer_target = scope, target
+                self._timer_idle = True
+                try:
+                    if target is None:
+                        await trio.sleep_forever()
+                    else:
+                        await self.clock.sleep_until(target)
+                finally:
+                    self._timer_idle = False
+                    self._timer_scope = None
+
+
+def _wake_due(txn: StoreTxn, now: float, limit: int) -> list[int]:
+    """Resolve every due timer of up to ``limit`` waiting instances and queue them."""
+    keys = txn.due_keys(now, limit)
+    for key in keys:
+        for step in txn.due_steps(key, now):
+            if step.kind is StepKind.SLEEP and step.status is StepStatus.WAITING:
+                txn.put_step(key, None, _with(step, StepStatus.COMPLETE, ended_at=now))
+            elif step.kind is StepKind.WAIT_FOR_EVENT and step.status is StepStatus.WAITING:
+                error = ErrorInfo("WorkflowTimeoutError", "timed out waiting for event")
+                txn.put_step(key, None, _with(step, StepStatus.ERRORED, ended_at=now, error=error))
+            # a due retry stays 'retrying': the next activation runs its next attempt
+        txn.update_instance(key, now, status=InstanceStatus.QUEUED, wake_at=None, priority=0)
+    return keys
+
+
+def _insert_unit(
+    tenant_id: str, instance_id: str, code_version: str, params: Any, now: float
+) -> Callable[[StoreTxn], int]:
+    return lambda txn: txn.insert_instance(
+        tenant_id, instance_id, DEFAULT_WORKFLOW, code_version, params, now
+    )
+
+
+@asynccontextmanager
+async def open_engine(
+    store: Store,
+    runner: Runner,
+    *,
+    clock: Clock | None = None,
+    max_concurrency: int = 1000,
+    max_steps: int = DEFAULT_MAX_STEPS,
+) -> AsyncIterator[Engine]:
+    """Start an engine in a nursery of its own; stop it (and close nothing else) on exit."""
+    engine = Engine(
+        store, runner, clock=clock, max_concurrency=max_concurrency, max_steps=max_steps
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        try:
+            yield engine
+        finally:
+            nursery.cancel_scope.cancel()

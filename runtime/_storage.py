@@ -1,0 +1,226 @@
+"""The storage interface: everything the engine needs to resume lives behind it.
+
+A backend implements two ABCs:
+
+* ``Store`` — owns the connections. ``write(units)`` runs many *units* (functions of a
+  ``StoreTxn``) in **one** transaction, each under its own savepoint, so one failing
+  unit never undoes another's work and many instances' step results share one fsync
+  (group commit). ``read(fn)`` runs a read-only function on a snapshot.
+* ``StoreTxn`` — the domain operations, named verb_noun as in DBOS's system database.
+  Every write that belongs to a running activation carries the instance's
+  ``run_token`` (its fencing token) and raises ``LeaseLost`` when the token is stale,
+  so a terminated, restarted or (with PostgreSQL) re-leased instance can never be
+  written by an old activation.
+
+Both are blocking; the engine calls them from worker threads.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from ._models import InstanceRecord, InstanceStatus, InstanceSummary, LogRecord, StepRecord
+
+__all__ = ["Outcome", "Store", "StoreTxn", "Unit", "open_store"]
+
+T = TypeVar("T")
+Unit = Callable[["StoreTxn"], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one unit of a grouped write produced: a value, or the exception it raised."""
+
+    value: Any = None
+    error: BaseException | None = None
+
+
+class _Unset:
+    """Marks an ``update_instance`` field that is left as it is."""
+
+
+UNSET: Any = _Unset()
+
+
+class StoreTxn(ABC):
+    """Domain operations inside one transaction."""
+
+    # -- instances ---------------------------------------------------------------
+
+    @abstractmethod
+    def insert_instance(
+        self,
+        tenant_id: str,
+        instance_id: str,
+        workflow_name: str,
+        code_version: str,
+        params: Any,
+        now: float,
+    ) -> int:
+        """Create a ``queued`` instance; raise InstanceAlreadyExists on a duplicate id."""
+
+    @abstractmethod
+    def get_instance(self, tenant_id: str, instance_id: str) -> InstanceRecord | None:
+        """The instance with this id in this tenant, or None."""
+
+    @abstractmethod
+    def get_status(self, key: int) -> InstanceStatus | None:
+        """Just the status of an instance (cheap: read after every recorded step)."""
+
+    @abstractmethod
+    def due_steps(self, key: int, now: float) -> list[StepRecord]:
+        """Pending steps (waiting or retrying) whose wake time has come."""
+
+    @abstractmethod
+    def get_instance_by_key(self, key: int) -> InstanceRecord | None:
+        """The instance with this storage key, or None."""
+
+    @abstractmethod
+    def update_instance(
+        self,
+        key: int,
+        now: float,
+        *,
+        token: int | None = None,
+        status: InstanceStatus = UNSET,
+        output: Any = UNSET,
+        error: Any = UNSET,
+        wake_at: float | None = UNSET,
+        paused_at: float | None = UNSET,
+        code_version: str = UNSET,
+        new_token: bool = False,
+        priority: int = UNSET,
+    ) -> int:
+        """Change the given fields; fenced by ``token`` when given. Returns the run token.
+
+        ``new_token`` bumps the fencing token (terminate, restart, a new activation).
+        ``priority`` (0 = woken, 1 = new) also stamps the time it became ready.
+        """
+
+    @abstractmethod
+    def claim_queued(self, key: int, now: float) -> InstanceRecord | None:
+        """Move a ``queued`` instance to ``running`` under a new token; None if not queued."""
+
+    @abstractmethod
+    def queued_keys(self, limit: int) -> list[int]:
+        """Queued instances in dispatch order: woken before new, then oldest first."""
+
+    @abstractmethod
+    def due_keys(self, now: float, limit: int) -> list[int]:
+        """``waiting`` instances whose earliest timer is due."""
+
+    @abstractmethod
+    def next_wake_at(self) -> float | None:
+        """The earliest timer of any ``waiting`` instance."""
+
+    @abstractmethod
+    def recover_running(self, now: float) -> int:
+        """After a crash: running instances back to queued, waitingForPause to paused."""
+
+    @abstractmethod
+    def list_instances(
+        self, tenant_id: str, status: str | None, limit: int, after_key: int | None
+    ) -> list[tuple[int, InstanceSummary]]:
+        """A page of a tenant's instances, newest first, after the cursor ``after_key``."""
+
+    @abstractmethod
+    def count_by_status(self, tenant_id: str | None) -> dict[str, int]:
+        """How many instances are in each status (for one tenant, or all)."""
+
+    # -- the journal ---------------------------------------------------------------
+
+    @abstractmethod
+    def load_steps(self, key: int) -> list[StepRecord]:
+        """Every journal row of an instance, in call order."""
+
+    @abstractmethod
+    def get_step(self, key: int, seq: int) -> StepRecord | None:
+        """One journal row."""
+
+    @abstractmethod
+    def put_step(self, key: int, token: int | None, step: StepRecord) -> None:
+        """Insert or replace a journal row; fenced by ``token`` (LeaseLost when stale)."""
+
+    @abstractmethod
+    def delete_steps(self, key: int) -> None:
+        """Discard an instance's journal and log (restart)."""
+
+    @abstractmethod
+    def find_waiting_event_step(self, key: int, event_type: str) -> StepRecord | None:
+        """The pending ``waitForEvent`` step of this type, if the instance has one."""
+
+    @abstractmethod
+    def pending_wake(self, key: int) -> tuple[int, float | None]:
+        """How many steps still wait (sleep, event, retry) and the earliest wake time."""
+
+    @abstractmethod
+    def shift_step_wakes(self, key: int, delta: float) -> None:
+        """Move the wake time of every pending step by ``delta`` seconds (resume)."""
+
+    # -- events ---------------------------------------------------------------------
+
+    @abstractmethod
+    def push_event(self, key: int, event_type: str, payload: Any, ts: float) -> None:
+        """Buffer an event for the instance."""
+
+    @abstractmethod
+    def pop_event(self, key: int, event_type: str) -> tuple[Any, float] | None:
+        """Take the oldest buffered event of this type (first in, first out)."""
+
+    # -- logs -------------------------------------------------------------------------
+
+    @abstractmethod
+    def append_logs(self, key: int, lines: Sequence[tuple[float, str, str]]) -> None:
+        """Append ``(ts, level, message)`` lines to the instance's log."""
+
+    @abstractmethod
+    def read_logs(self, key: int, after_id: int, limit: int) -> list[LogRecord]:
+        """Log lines with an id above ``after_id``, oldest first."""
+
+    # -- code versions ------------------------------------------------------------------
+
+    @abstractmethod
+    def put_code_version(self, tenant_id: str, version: str, files: bytes, now: float) -> None:
+        """Store a tenant's code, content-addressed (idempotent)."""
+
+    @abstractmethod
+    def get_code_version(self, tenant_id: str, version: str) -> bytes | None:
+        """A stored code version, or None."""
+
+
+class Store(ABC):
+    """A database holding every instance, journal, event, timer and code version."""
+
+    @abstractmethod
+    def write(self, units: Sequence[Unit]) -> list[Outcome]:
+        """Run ``units`` in one transaction (a savepoint each) and commit durably once."""
+
+    @abstractmethod
+    def read(self, fn: Callable[[StoreTxn], T]) -> T:
+        """Run ``fn`` on a consistent read-only snapshot."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Close every connection (idempotent)."""
+
+
+def open_store(url: str) -> Store:
+    """Open the store named by ``url``.
+
+    ``sqlite:///relative/path.db`` and ``sqlite:////absolute/path.db`` follow
+    SQLAlchemy's convention; a URL-less path is taken as a SQLite file.
+    """
+    if url.startswith(("postgresql://", "postgres://")):
+        raise NotImplementedError("the PostgreSQL backend is not built yet (SPEC 10)")
+    if url.startswith("sqlite:///"):
+        path = url.removeprefix("sqlite:///")
+    elif "://" in url:
+        raise ValueError(f"unsupported database URL {url!r}: use sqlite:///PATH")
+    else:
+        path = url
+    from ._storage_sqlite import SqliteStore
+
+    return SqliteStore(path)

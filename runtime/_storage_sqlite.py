@@ -1,0 +1,544 @@
+"""Embedded SQLite storage: WAL, ``synchronous=FULL``, one writer connection.
+
+Durability: with WAL and ``synchronous=FULL`` every COMMIT fsyncs the WAL, so a
+result the engine acknowledged survives SIGKILL and power loss. Throughput comes from
+grouping: ``write()`` commits many units at once (measured here: ~0.24 ms per
+commit, whatever the number of rows in it).
+
+One supervisor per SQLite file: an exclusive ``flock`` on ``<db>.lock`` refuses a
+second one, because SQLite has no leases (PostgreSQL has, SPEC 10).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import msgpack
+
+from sandbox.protocol import ErrorInfo, StepKind, StepStatus
+
+from ._models import InstanceRecord, InstanceStatus, InstanceSummary, LogRecord, StepRecord
+from ._storage import UNSET, Outcome, Store, StoreTxn, Unit
+from .errors import InstanceAlreadyExists, LeaseLost, StorageError
+
+__all__ = ["SCHEMA_VERSION", "SqliteStore"]
+
+T = TypeVar("T")
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tenantflow_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS instances (
+    key INTEGER PRIMARY KEY,
+    tenant_id TEXT NOT NULL,
+    instance_id TEXT NOT NULL,
+    workflow_name TEXT NOT NULL,
+    code_version TEXT NOT NULL,
+    status TEXT NOT NULL,
+    params BLOB,
+    output BLOB,
+    error_name TEXT,
+    error_message TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    wake_at REAL,
+    paused_at REAL,
+    run_token INTEGER NOT NULL DEFAULT 0,
+    priority INTEGER NOT NULL DEFAULT 1,
+    ready_at REAL NOT NULL,
+    UNIQUE (tenant_id, instance_id)
+);
+CREATE INDEX IF NOT EXISTS instances_queued ON instances (priority, ready_at, key)
+    WHERE status = 'queued';
+CREATE INDEX IF NOT EXISTS instances_wake ON instances (wake_at)
+    WHERE status = 'waiting' AND wake_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS instances_tenant_status ON instances (tenant_id, status, key);
+CREATE TABLE IF NOT EXISTS steps (
+    key INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    status TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    started_at REAL,
+    ended_at REAL,
+    output BLOB,
+    error_name TEXT,
+    error_message TEXT,
+    wake_at REAL,
+    event_type TEXT,
+    PRIMARY KEY (key, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS steps_pending ON steps (key, wake_at)
+    WHERE status IN ('waiting', 'retrying');
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    key INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    payload BLOB,
+    ts REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_type ON events (key, type, id);
+CREATE TABLE IF NOT EXISTS logs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    key INTEGER NOT NULL,
+    ts REAL NOT NULL,
+    level TEXT NOT NULL,
+    message TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS logs_by_instance ON logs (key, id);
+CREATE TABLE IF NOT EXISTS code_versions (
+    tenant_id TEXT NOT NULL,
+    version TEXT NOT NULL,
+    files BLOB NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (tenant_id, version)
+);
+"""
+
+_INSTANCE_COLUMNS = (
+    "key, tenant_id, instance_id, workflow_name, code_version, status, params, output,"
+    " error_name, error_message, created_at, updated_at, wake_at, paused_at, run_token"
+)
+_STEP_COLUMNS = (
+    "seq, name, count, kind, status, attempts, started_at, ended_at, output, error_name,"
+    " error_message, wake_at, event_type"
+)
+
+
+def _pack(value: Any) -> bytes:
+    packed: bytes = msgpack.packb(value, use_bin_type=True)
+    return packed
+
+
+def _unpack(blob: bytes | None) -> Any:
+    return None if blob is None else msgpack.unpackb(blob, raw=False, strict_map_key=False)
+
+
+def _error(name: str | None, message: str | None) -> ErrorInfo | None:
+    return None if name is None else ErrorInfo(name, message or "")
+
+
+def _instance(row: tuple[Any, ...]) -> InstanceRecord:
+    return InstanceRecord(
+        key=row[0],
+        tenant_id=row[1],
+        instance_id=row[2],
+        workflow_name=row[3],
+        code_version=row[4],
+        status=InstanceStatus(row[5]),
+        params=_unpack(row[6]),
+        output=_unpack(row[7]),
+        error=_error(row[8], row[9]),
+        created_at=row[10],
+        updated_at=row[11],
+        wake_at=row[12],
+        paused_at=row[13],
+        run_token=row[14],
+    )
+
+
+def _step(row: tuple[Any, ...]) -> StepRecord:
+    return StepRecord(
+        seq=row[0],
+        name=row[1],
+        count=row[2],
+        kind=StepKind(row[3]),
+        status=StepStatus(row[4]),
+        attempts=row[5],
+        started_at=row[6],
+        ended_at=row[7],
+        output=_unpack(row[8]),
+        error=_error(row[9], row[10]),
+        wake_at=row[11],
+        event_type=row[12],
+    )
+
+
+class SqliteTxn(StoreTxn):
+    """The domain operations on one SQLite connection inside a transaction."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._c = conn
+
+    def insert_instance(
+        self,
+        tenant_id: str,
+        instance_id: str,
+        workflow_name: str,
+        code_version: str,
+        params: Any,
+        now: float,
+    ) -> int:
+        try:
+            cur = self._c.execute(
+                "INSERT INTO instances (tenant_id, instance_id, workflow_name, code_version,"
+                " status, params, created_at, updated_at, ready_at, priority)"
+                " VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, 1)",
+                (tenant_id, instance_id, workflow_name, code_version, _pack(params), now, now, now),
+            )
+        except sqlite3.IntegrityError:
+            raise InstanceAlreadyExists(tenant_id, instance_id) from None
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+    def get_instance(self, tenant_id: str, instance_id: str) -> InstanceRecord | None:
+        row = self._c.execute(
+            f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE tenant_id = ? AND instance_id = ?",
+            (tenant_id, instance_id),
+        ).fetchone()
+        return None if row is None else _instance(row)
+
+    def get_status(self, key: int) -> InstanceStatus | None:
+        row = self._c.execute("SELECT status FROM instances WHERE key = ?", (key,)).fetchone()
+        return None if row is None else InstanceStatus(row[0])
+
+    def due_steps(self, key: int, now: float) -> list[StepRecord]:
+        rows = self._c.execute(
+            f"SELECT {_STEP_COLUMNS} FROM steps WHERE key = ? AND status IN ('waiting', 'retrying')"
+            " AND wake_at <= ? ORDER BY seq",
+            (key, now),
+        ).fetchall()
+        return [_step(r) for r in rows]
+
+    def get_instance_by_key(self, key: int) -> InstanceRecord | None:
+        row = self._c.execute(
+            f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE key = ?", (key,)
+        ).fetchone()
+        return None if row is None else _instance(row)
+
+    def update_instance(
+        self,
+        key: int,
+        now: float,
+        *,
+        token: int | None = None,
+        status: InstanceStatus = UNSET,
+        output: Any = UNSET,
+        error: Any = UNSET,
+        wake_at: float | None = UNSET,
+        paused_at: float | None = UNSET,
+        code_version: str = UNSET,
+        new_token: bool = False,
+        priority: int = UNSET,
+    ) -> int:
+        sets = ["updated_at = ?"]
+        args: list[Any] = [now]
+        if status is not UNSET:
+            sets.append("status = ?")
+            args.append(status.value)
+        if output is not UNSET:
+            sets.append("output = ?")
+            args.append(None if output is None else _pack(output))
+        if error is not UNSET:
+            sets += ["error_name = ?", "error_message = ?"]
+            args += [None, None] if error is None else [error.name, error.message]
+        if wake_at is not UNSET:
+            sets.append("wake_at = ?")
+            args.append(wake_at)
+        if paused_at is not UNSET:
+            sets.append("paused_at = ?")
+            args.append(paused_at)
+        if code_version is not UNSET:
+            sets.append("code_version = ?")
+            args.append(code_version)
+        if priority is not UNSET:
+            sets += ["priority = ?", "ready_at = ?"]
+            args += [priority, now]
+        if new_token:
+            sets.append("run_token = run_token + 1")
+        where = "key = ?"
+        args.append(key)
+        if token is not None:
+            where += " AND run_token = ?"
+            args.append(token)
+        row = self._c.execute(
+            f"UPDATE instances SET {', '.join(sets)} WHERE {where} RETURNING run_token", args
+        ).fetchone()
+        if row is None:
+            raise LeaseLost(f"instance {key} is no longer held with token {token}")
+        result: int = row[0]
+        return result
+
+    def claim_queued(self, key: int, now: float) -> InstanceRecord | None:
+        row = self._c.execute(
+            "UPDATE instances SET status = 'running', run_token = run_token + 1, updated_at = ?"
+            f" WHERE key = ? AND status = 'queued' RETURNING {_INSTANCE_COLUMNS}",
+            (now, key),
+        ).fetchone()
+        return None if row is None else _instance(row)
+
+    def queued_keys(self, limit: int) -> list[int]:
+        rows = self._c.execute(
+            "SELECT key FROM instances WHERE status = 'queued'"
+            " ORDER BY priority, ready_at, key LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def due_keys(self, now: float, limit: int) -> list[int]:
+        rows = self._c.execute(
+            "SELECT key FROM instances WHERE status = 'waiting' AND wake_at IS NOT NULL"
+            " AND wake_at <= ? ORDER BY wake_at LIMIT ?",
+            (now, limit),
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def next_wake_at(self) -> float | None:
+        row = self._c.execute(
+            "SELECT min(wake_at) FROM instances WHERE status = 'waiting' AND wake_at IS NOT NULL"
+        ).fetchone()
+        return None if row is None else row[0]
+
+    def recover_running(self, now: float) -> int:
+        paused = self._c.execute(
+            "UPDATE instances SET status = 'paused', paused_at = ?, updated_at = ?,"
+            " run_token = run_token + 1 WHERE status = 'waitingForPause'",
+            (now, now),
+        ).rowcount
+        queued = self._c.execute(
+            "UPDATE instances SET status = 'queued', priority = 0, ready_at = ?, updated_at = ?,"
+            " run_token = run_token + 1 WHERE status = 'running'",
+            (now, now),
+        ).rowcount
+        return paused + queued
+
+    def list_instances(
+        self, tenant_id: str, status: str | None, limit: int, after_key: int | None
+    ) -> list[tuple[int, InstanceSummary]]:
+        query = "SELECT key, instance_id, status, created_at, updated_at FROM instances"
+        query += " WHERE tenant_id = ?"
+        args: list[Any] = [tenant_id]
+        if status is not None:
+            query += " AND status = ?"
+            args.append(status)
+        if after_key is not None:
+            query += " AND key < ?"
+            args.append(after_key)
+        query += " ORDER BY key DESC LIMIT ?"
+        args.append(limit)
+        return [
+            (r[0], InstanceSummary(r[1], InstanceStatus(r[2]), r[3], r[4]))
+            for r in self._c.execute(query, args).fetchall()
+        ]
+
+    def count_by_status(self, tenant_id: str | None) -> dict[str, int]:
+        if tenant_id is None:
+            rows = self._c.execute("SELECT status, count(*) FROM instances GROUP BY status")
+        else:
+            rows = self._c.execute(
+                "SELECT status, count(*) FROM instances WHERE tenant_id = ? GROUP BY status",
+                (tenant_id,),
+            )
+        return {r[0]: r[1] for r in rows.fetchall()}
+
+    def load_steps(self, key: int) -> list[StepRecord]:
+        rows = self._c.execute(
+            f"SELECT {_STEP_COLUMNS} FROM steps WHERE key = ? ORDER BY seq", (key,)
+        ).fetchall()
+        return [_step(r) for r in rows]
+
+    def get_step(self, key: int, seq: int) -> StepRecord | None:
+        row = self._c.execute(
+            f"SELECT {_STEP_COLUMNS} FROM steps WHERE key = ? AND seq = ?", (key, seq)
+        ).fetchone()
+        return None if row is None else _step(row)
+
+    def put_step(self, key: int, token: int | None, step: StepRecord) -> None:
+        values = (
+            key,
+            step.seq,
+            step.name,
+            step.count,
+            step.kind.value,
+            step.status.value,
+            step.attempts,
+            step.started_at,
+            step.ended_at,
+            None if step.output is None else _pack(step.output),
+            step.error.name if step.error else None,
+            step.error.message if step.error else None,
+            step.wake_at,
+            step.event_type,
+        )
+        sql = (
+            "INSERT OR REPLACE INTO steps (key, seq, name, count, kind, status, attempts,"
+            " started_at, ended_at, output, error_name, error_message, wake_at, event_type)"
+        )
+        if token is None:
+            self._c.execute(sql + " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", values)
+            return
+        # The fencing check and the write are one statement: no window between them.
+        cur = self._c.execute(
+            sql + " SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?"
+            " WHERE EXISTS (SELECT 1 FROM instances WHERE key = ? AND run_token = ?)",
+            (*values, key, token),
+        )
+        if cur.rowcount == 0:
+            raise LeaseLost(f"instance {key} is no longer held with token {token}")
+
+    def delete_steps(self, key: int) -> None:
+        self._c.execute("DELETE FROM steps WHERE key = ?", (key,))
+        self._c.execute("DELETE FROM logs WHERE key = ?", (key,))
+
+    def find_waiting_event_step(self, key: int, event_type: str) -> StepRecord | None:
+        row = self._c.execute(
+            f"SELECT {_STEP_COLUMNS} FROM steps WHERE key = ? AND status = 'waiting'"
+            " AND kind = 'waitForEvent' AND event_type = ? ORDER BY seq LIMIT 1",
+            (key, event_type),
+        ).fetchone()
+        return None if row is None else _step(row)
+
+    def pending_wake(self, key: int) -> tuple[int, float | None]:
+        row = self._c.execute(
+            "SELECT count(*), min(wake_at) FROM steps WHERE key = ?"
+            " AND status IN ('waiting', 'retrying')",
+            (key,),
+        ).fetchone()
+        return (row[0], row[1]) if row is not None else (0, None)
+
+    def shift_step_wakes(self, key: int, delta: float) -> None:
+        self._c.execute(
+            "UPDATE steps SET wake_at = wake_at + ? WHERE key = ? AND wake_at IS NOT NULL"
+            " AND status IN ('waiting', 'retrying')",
+            (delta, key),
+        )
+
+    def push_event(self, key: int, event_type: str, payload: Any, ts: float) -> None:
+        self._c.execute(
+            "INSERT INTO events (key, type, payload, ts) VALUES (?, ?, ?, ?)",
+            (key, event_type, _pack(payload), ts),
+        )
+
+    def pop_event(self, key: int, event_type: str) -> tuple[Any, float] | None:
+        row = self._c.execute(
+            "DELETE FROM events WHERE id = (SELECT id FROM events WHERE key = ? AND type = ?"
+            " ORDER BY id LIMIT 1) RETURNING payload, ts",
+            (key, event_type),
+        ).fetchone()
+        return None if row is None else (_unpack(row[0]), row[1])
+
+    def append_logs(self, key: int, lines: Sequence[tuple[float, str, str]]) -> None:
+        self._c.executemany(
+            "INSERT INTO logs (key, ts, level, message) VALUES (?, ?, ?, ?)",
+            [(key, ts, level, message) for ts, level, message in lines],
+        )
+
+    def read_logs(self, key: int, after_id: int, limit: int) -> list[LogRecord]:
+        rows = self._c.execute(
+            "SELECT id, ts, level, message FROM logs WHERE key = ? AND id > ? ORDER BY id LIMIT ?",
+            (key, after_id, limit),
+        ).fetchall()
+        return [LogRecord(*r) for r in rows]
+
+    def put_code_version(self, tenant_id: str, version: str, files: bytes, now: float) -> None:
+        self._c.execute(
+            "INSERT OR IGNORE INTO code_versions (tenant_id, version, files, created_at)"
+            " VALUES (?, ?, ?, ?)",
+            (tenant_id, version, files, now),
+        )
+
+    def get_code_version(self, tenant_id: str, version: str) -> bytes | None:
+        row = self._c.execute(
+            "SELECT files FROM code_versions WHERE tenant_id = ? AND version = ?",
+            (tenant_id, version),
+        ).fetchone()
+        return None if row is None else bytes(row[0])
+
+
+class SqliteStore(Store):
+    """A SQLite file in WAL mode: one writer connection, one reader connection."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._lock_fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise StorageError(
+                f"{path} is in use by another tenantflow supervisor (SQLite serves one; "
+                "use PostgreSQL to run several)"
+            ) from None
+        self._writer = self._connect()
+        self._migrate()
+        self._reader = self._connect()
+        self._reader.execute("PRAGMA query_only = ON")
+        self._write_lock = threading.Lock()
+        self._read_lock = threading.Lock()
+        self._closed = False
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA busy_timeout = 30000")
+        return conn
+
+    def _migrate(self) -> None:
+        conn = self._writer
+        # Every statement is IF NOT EXISTS, so this is safe to run on every start.
+        conn.executescript(_SCHEMA)
+        row = conn.execute("SELECT value FROM tenantflow_meta WHERE key = 'schema'").fetchone()
+        if row is None:
+            conn.execute(
+                "INSERT INTO tenantflow_meta (key, value) VALUES ('schema', ?)",
+                (str(SCHEMA_VERSION),),
+            )
+        elif int(row[0]) > SCHEMA_VERSION:
+            raise StorageError(
+                f"{self.path} has schema version {row[0]}, newer than this tenantflow "
+                f"({SCHEMA_VERSION}); upgrade tenantflow"
+            )
+
+    def write(self, units: Sequence[Unit]) -> list[Outcome]:
+        with self._write_lock:
+            conn = self._writer
+            txn = SqliteTxn(conn)
+            outcomes: list[Outcome] = []
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                for unit in units:
+                    conn.execute("SAVEPOINT unit")
+                    try:
+                        value = unit(txn)
+                    except Exception as exc:
+                        conn.execute("ROLLBACK TO unit")
+                        conn.execute("RELEASE unit")
+                        outcomes.append(Outcome(error=exc))
+                    else:
+                        conn.execute("RELEASE unit")
+                        outcomes.append(Outcome(value=value))
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise StorageError(f"SQLite write failed: {exc}") from exc
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            return outcomes
+
+    def read(self, fn: Callable[[StoreTxn], T]) -> T:
+        with self._read_lock:
+            conn = self._reader
+            conn.execute("BEGIN")
+            try:
+                return fn(SqliteTxn(conn))
+            finally:
+                conn.execute("COMMIT")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._reader.close()
+        self._writer.close()
+        os.close(self._lock_fd)
