@@ -41,6 +41,7 @@ from sandbox.protocol import (
     WorkflowFinished,
 )
 
+from ._faults import crash_point
 from ._models import InstanceStatus, StepRecord
 from ._runner import ActivationChannel, RunnerError
 from ._storage import StoreTxn
@@ -177,7 +178,12 @@ class ActivationDriver:
             raise ProtocolViolation("invalid step timeout")
         now = self._clock.now()
         attempt = _Attempt(
-            command.seq, command.name, command.count, command.attempt, policy, now,
+            command.seq,
+            command.name,
+            command.count,
+            command.attempt,
+            policy,
+            now,
             trio.CancelScope(),
         )
         previous = self._session.inflight.get(command.seq)
@@ -222,8 +228,10 @@ class ActivationDriver:
             error = _payload_error(command.output, "step result")
             if error is None:
                 step = self._step(attempt, StepStatus.COMPLETE, output=command.output)
+                crash_point("step.before_record", command.name)
                 # A pause takes effect here, at the step boundary, once the result is safe.
                 kind = ReplyKind.SUSPEND if await self._record(step) else ReplyKind.VALUE
+                crash_point("step.after_record", command.name)
                 return Reply(self._session.activation_id, command.seq, kind)
         else:
             error = command.error or ErrorInfo("Error", "")
@@ -306,7 +314,11 @@ class ActivationDriver:
         def unit(txn: StoreTxn) -> Reply:
             existing = txn.get_step(key, command.seq)
             base = StepRecord(
-                command.seq, command.name, command.count, StepKind.SLEEP, StepStatus.WAITING,
+                command.seq,
+                command.name,
+                command.count,
+                StepKind.SLEEP,
+                StepStatus.WAITING,
                 started_at=now,
             )
             if existing is not None and existing.status is StepStatus.WAITING:
@@ -316,7 +328,8 @@ class ActivationDriver:
                 return Reply(aid, command.seq, ReplyKind.VALUE)
             if in_past or too_far:
                 message = (
-                    "sleep_until target is in the past" if in_past
+                    "sleep_until target is in the past"
+                    if in_past
                     else "a sleep lasts at most 365 days"
                 )
                 error = ErrorInfo("InvalidStepError", message, False)
@@ -329,6 +342,7 @@ class ActivationDriver:
             return Reply(aid, command.seq, ReplyKind.SUSPEND)
 
         reply = await self._writer.submit(unit)
+        crash_point("sleep.after_record", command.name)
         self._engine.notify_change(key)
         return reply
 
@@ -350,14 +364,21 @@ class ActivationDriver:
         def unit(txn: StoreTxn) -> Reply:
             existing = txn.get_step(key, command.seq)
             step = existing or StepRecord(
-                command.seq, command.name, command.count, StepKind.WAIT_FOR_EVENT,
-                StepStatus.WAITING, started_at=now, wake_at=now + timeout,
+                command.seq,
+                command.name,
+                command.count,
+                StepKind.WAIT_FOR_EVENT,
+                StepStatus.WAITING,
+                started_at=now,
+                wake_at=now + timeout,
                 event_type=command.event_type,
             )
             event = txn.pop_event(key, command.event_type)
             if event is not None:
                 value = {"type": command.event_type, "payload": event[0], "timestamp": event[1]}
-                txn.put_step(key, token, _with(step, StepStatus.COMPLETE, ended_at=now, output=value))
+                txn.put_step(
+                    key, token, _with(step, StepStatus.COMPLETE, ended_at=now, output=value)
+                )
                 return Reply(aid, command.seq, ReplyKind.VALUE, value=value)
             if step.wake_at is not None and step.wake_at <= now:
                 error = ErrorInfo("WorkflowTimeoutError", "timed out waiting for event", True)
@@ -392,6 +413,7 @@ class ActivationDriver:
     async def finish(self, final: WorkflowFinished) -> None:
         """Record the instance's output or error."""
         key, token, now = self._session.key, self._session.token, self._clock.now()
+        crash_point("instance.before_finish", self._session.instance_id)
         if final.ok:
             error = _payload_error(final.output, "the workflow's return value")
         else:
@@ -413,7 +435,9 @@ class ActivationDriver:
         def unit(txn: StoreTxn) -> tuple[InstanceStatus, float | None]:
             current = txn.get_instance_by_key(key)
             if current is not None and current.status is InstanceStatus.WAITING_FOR_PAUSE:
-                txn.update_instance(key, now, token=token, status=InstanceStatus.PAUSED, paused_at=now)
+                txn.update_instance(
+                    key, now, token=token, status=InstanceStatus.PAUSED, paused_at=now
+                )
                 return InstanceStatus.PAUSED, None
             pending, wake = txn.pending_wake(key)
             if pending == 0:

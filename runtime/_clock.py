@@ -38,7 +38,7 @@ class WallClock(Clock):
 
     async def sleep_until(self, deadline: float) -> None:
         # Re-check after waking: the wall clock may have been stepped while we slept.
-        while (remaining := deadline - time.time()) > 0:
+        while (remaining := deadline - time.time()) > 0:  # noqa: ASYNC110 - no event to wait for
             await trio.sleep(remaining)
         await trio.lowlevel.checkpoint()
 

@@ -14,7 +14,9 @@ journal, buffered events and timers are rows. Memory holds only what is running 
 
 from __future__ import annotations
 
+import functools
 import itertools
+import operator
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -41,6 +43,7 @@ from sandbox.protocol import (
 
 from ._activation import ActivationDriver, Session, _with
 from ._clock import Clock, WallClock
+from ._faults import crash_point
 from ._models import (
     FINISHED_STATUSES,
     InstanceRecord,
@@ -218,7 +221,9 @@ class Engine:
         check_payload(params, "params")
         now = self.clock.now()
         await self.writer.submit(
-            lambda txn: txn.insert_instance(tenant_id, iid, workflow_name, code_version, params, now)
+            lambda txn: txn.insert_instance(
+                tenant_id, iid, workflow_name, code_version, params, now
+            )
         )
         self.kick_dispatch()
         return iid, InstanceStatus.QUEUED
@@ -278,7 +283,11 @@ class Engine:
         for attempt in session.inflight.values():
             previous = steps.get(attempt.seq)
             steps[attempt.seq] = StepRecord(
-                attempt.seq, attempt.name, attempt.count, StepKind.DO, StepStatus.RUNNING,
+                attempt.seq,
+                attempt.name,
+                attempt.count,
+                StepKind.DO,
+                StepStatus.RUNNING,
                 attempts=attempt.attempt,
                 started_at=previous.started_at if previous else attempt.started_at,
                 error=previous.error if previous else None,
@@ -290,7 +299,12 @@ class Engine:
         return (await self._get_record(tenant_id, instance_id)).status
 
     async def list_instances(
-        self, tenant_id: str, *, status: str | None = None, limit: int = 50, cursor: str | None = None
+        self,
+        tenant_id: str,
+        *,
+        status: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
     ) -> tuple[list[InstanceSummary], str | None]:
         """A page of instances, newest first, and the cursor of the next page (or None)."""
         check_tenant_id(tenant_id)
@@ -356,7 +370,11 @@ class Engine:
             pending, wake = txn.pending_wake(record.key)
             if pending == 0:
                 txn.update_instance(
-                    record.key, now, status=InstanceStatus.QUEUED, paused_at=None, wake_at=None,
+                    record.key,
+                    now,
+                    status=InstanceStatus.QUEUED,
+                    paused_at=None,
+                    wake_at=None,
                     priority=0,
                 )
                 return record.key, InstanceStatus.QUEUED
@@ -374,9 +392,7 @@ class Engine:
         def unit(txn: StoreTxn) -> tuple[int, InstanceStatus]:
             record = self._require(txn, tenant_id, instance_id)
             if record.status in FINISHED_STATUSES:
-                raise CannotTerminate(
-                    f"instance {instance_id!r} is already {record.status.value}"
-                )
+                raise CannotTerminate(f"instance {instance_id!r} is already {record.status.value}")
             txn.update_instance(
                 record.key, now, status=InstanceStatus.TERMINATED, wake_at=None, new_token=True
             )
@@ -393,8 +409,15 @@ class Engine:
             record = self._require(txn, tenant_id, instance_id)
             txn.delete_steps(record.key)
             txn.update_instance(
-                record.key, now, status=InstanceStatus.QUEUED, output=None, error=None,
-                wake_at=None, paused_at=None, new_token=True, priority=1,
+                record.key,
+                now,
+                status=InstanceStatus.QUEUED,
+                output=None,
+                error=None,
+                wake_at=None,
+                paused_at=None,
+                new_token=True,
+                priority=1,
                 code_version=version or record.code_version,
             )
             return record.key, InstanceStatus.QUEUED
@@ -430,7 +453,9 @@ class Engine:
             event = txn.pop_event(record.key, event_type)
             assert event is not None
             value = {"type": event_type, "payload": event[0], "timestamp": event[1]}
-            txn.put_step(record.key, None, _with(step, StepStatus.COMPLETE, ended_at=now, output=value))
+            txn.put_step(
+                record.key, None, _with(step, StepStatus.COMPLETE, ended_at=now, output=value)
+            )
             if record.status is InstanceStatus.WAITING:
                 pending, wake = txn.pending_wake(record.key)
                 if pending == 0:
@@ -442,6 +467,7 @@ class Engine:
             return record.key, record.status
 
         await self._admin(unit)
+        crash_point("event.after_record", event_type)
 
     async def wait_for_status(
         self, tenant_id: str, instance_id: str, statuses: Iterable[InstanceStatus | str]
@@ -509,7 +535,8 @@ class Engine:
             free = self.max_concurrency - self.running_count
             if free > 0:
                 busy = set(self._sessions) | self._claiming
-                keys = await self._read(lambda txn: txn.queued_keys(free + len(busy)))
+                wanted = free + len(busy)
+                keys = await self._read(operator.methodcaller("queued_keys", wanted))
                 for key in keys:
                     if started >= free:
                         break
@@ -562,7 +589,9 @@ class Engine:
             payload=record.params,
             timestamp=record.created_at,
             journal=tuple(
-                JournalEntry(s.seq, s.name, s.count, s.kind, s.status, s.attempts, s.output, s.error)
+                JournalEntry(
+                    s.seq, s.name, s.count, s.kind, s.status, s.attempts, s.output, s.error
+                )
                 for s in steps
             ),
             max_steps=self.max_steps,
@@ -570,7 +599,7 @@ class Engine:
         target = RunTarget(record.tenant_id, record.code_version, record.workflow_name)
         driver = ActivationDriver(self, session, self.max_steps)
         final = None
-        crash: BaseException | None = None
+        crash: RunnerError | None = None
         try:
             async with self.runner.open_activation(target, activation) as channel:
                 final = await driver.converse(channel)
@@ -581,6 +610,9 @@ class Engine:
         if session.stopped:
             return
         try:
+            if crash is not None and crash.permanent:
+                error = crash.error or ErrorInfo("RunnerError", str(crash), False)
+                final = WorkflowFinished(session.activation_id, ok=False, error=error)
             if isinstance(final, WorkflowFinished):
                 self._crashes.pop(session.key, None)
                 await driver.finish(final)
@@ -588,7 +620,9 @@ class Engine:
                 await self._park_after_crash(session, crash)
             else:
                 if crash is not None:
-                    await driver.fail_inflight(ErrorInfo("SandboxCrashedError", str(crash)))
+                    await driver.fail_inflight(
+                        crash.error or ErrorInfo("SandboxCrashedError", str(crash))
+                    )
                 await driver.suspend()
         except LeaseLost:
             return
@@ -616,7 +650,8 @@ class Engine:
         while True:
             self._timer_dirty = False
             now = self.clock.now()
-            woken = await self.writer.submit(lambda txn: _wake_due(txn, now, _WAKE_BATCH))
+            due = functools.partial(_wake_due, now=now, limit=_WAKE_BATCH)
+            woken = await self.writer.submit(due)
             if woken:
                 self.kick_dispatch()
                 self.notify_change(-1)

@@ -18,7 +18,7 @@ import trio
 from sandbox._executor import ActivationAborted, Executor
 from sandbox.protocol import Activate, Command, Reply
 
-from ._runner import ActivationChannel, RunnerError, RunTarget, Runner
+from ._runner import ActivationChannel, Runner, RunnerError, RunTarget
 
 __all__ = ["InProcessRunner"]
 
@@ -106,7 +106,9 @@ class InProcessRunner(Runner):
     ) -> AsyncIterator[ActivationChannel]:
         factory = self._workflows.get(target.tenant_id)
         if factory is None:
-            raise RunnerError(f"no workflow registered for tenant {target.tenant_id!r}")
+            raise RunnerError(
+                f"no workflow registered for tenant {target.tenant_id!r}", permanent=True
+            )
         send, receive = trio.open_memory_channel[Command](math.inf)
         port = _ThreadPort(trio.lowlevel.current_trio_token(), send)
         executor = Executor(activation, port, factory)

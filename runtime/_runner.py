@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
-from sandbox.protocol import Activate, Command, Reply
+from sandbox.protocol import Activate, Command, ErrorInfo, Reply
 
 __all__ = ["ActivationChannel", "RunTarget", "Runner", "RunnerError"]
 
@@ -22,8 +22,17 @@ class RunnerError(Exception):
     """The activation's runner died or broke the protocol (a sandbox crash, a bad frame).
 
     The engine treats it like a crash of the process running the workflow: the step in
-    flight fails as an attempt and the instance resumes from its journal.
+    flight fails as an attempt (named by ``error`` when the runner knows why, e.g. a
+    ``SandboxLimitError``) and the instance resumes from its journal. A ``permanent``
+    error (the pinned code version cannot load) fails the instance instead.
     """
+
+    def __init__(
+        self, message: str, *, error: ErrorInfo | None = None, permanent: bool = False
+    ) -> None:
+        super().__init__(message)
+        self.error = error
+        self.permanent = permanent
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ exactly one commit, so sequential latency stays at one fsync.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Final, TypeVar
+from typing import Final, TypeVar
 
 import trio
 

@@ -7,7 +7,7 @@ import math
 import re
 from typing import Final
 
-__all__ = ["DurationError", "MAX_SLEEP_SECONDS", "parse_duration", "to_epoch"]
+__all__ = ["MAX_SLEEP_SECONDS", "DurationError", "parse_duration", "to_epoch"]
 
 MAX_SLEEP_SECONDS: Final = 365 * 24 * 3600.0
 

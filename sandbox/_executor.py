@@ -51,6 +51,7 @@ from .protocol import (
 )
 
 __all__ = [
+    "LIMIT_MESSAGES",
     "ActivationAborted",
     "Executor",
     "HostPort",
@@ -119,7 +120,15 @@ def _normalize(value: Any, what: str) -> Any:
     return msgpack.unpackb(check_payload(value, what), raw=False, strict_map_key=True)
 
 
+#: Exceptions that mean a sandbox limit was hit, and how to name it; the sandbox child
+#: fills this in with its configured limits ("memory limit 512 MiB exceeded").
+LIMIT_MESSAGES: dict[type[BaseException], str] = {}
+
+
 def _error_info(exc: BaseException) -> ErrorInfo:
+    for kind, message in LIMIT_MESSAGES.items():
+        if isinstance(exc, kind):
+            return ErrorInfo("SandboxLimitError", message, code="sandbox.limit")
     if isinstance(exc, sdk.NonRetryableError):
         return ErrorInfo(exc.name, exc.message, retryable=False)
     if isinstance(exc, sdk.StepError):
@@ -434,7 +443,9 @@ class Executor:
             except (_Suspend, ActivationAborted):
                 raise
             except BaseException as exc:  # a failed attempt, whatever the tenant raised
-                finished = StepFinished(aid, seq, name, count, attempt, ok=False, error=_error_info(exc))
+                finished = StepFinished(
+                    aid, seq, name, count, attempt, ok=False, error=_error_info(exc)
+                )
             finally:
                 self._in_step.active = False
             reply = self._request(finished)

@@ -27,25 +27,37 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from typing import Any, Final
 
+import msgpack
+
 __all__ = [
+    "CHILD_FRAME_LIMIT",
     "DEFAULT_MAX_STEPS",
     "EVENT_TYPE_PATTERN",
+    "HOST_FRAME_LIMIT",
     "INSTANCE_ID_PATTERN",
     "MAX_ID_LENGTH",
     "MAX_LOG_LINE_BYTES",
     "MAX_PAYLOAD_BYTES",
     "MAX_STEP_NAME_LENGTH",
     "TENANT_ID_PATTERN",
+    "Abort",
     "Activate",
     "Command",
     "ErrorInfo",
+    "Fetch",
+    "FetchResult",
     "JournalEntry",
+    "LoadCode",
     "LogLine",
+    "ProtocolError",
+    "Ready",
     "Reply",
     "ReplyKind",
+    "SandboxFault",
     "SleepRequested",
     "StepFinished",
     "StepKind",
@@ -54,6 +66,8 @@ __all__ = [
     "Suspended",
     "WaitRequested",
     "WorkflowFinished",
+    "decode",
+    "encode",
 ]
 
 # Limits of SPEC section 4. They are part of the contract on both sides of the boundary:
@@ -242,3 +256,229 @@ Command = (
     | WorkflowFinished
     | Suspended
 )
+
+
+# ---------------------------------------------------------------------------
+# sandbox lifecycle (only across the process boundary)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadCode:
+    """Host -> child, first frame: the tenant's files, compiled and loaded in the child."""
+
+    tenant_id: str
+    code_version: str
+    files: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """Child -> host: the code loaded (``error`` is None) or did not.
+
+    ``missing`` names each isolation layer the host refused, with the reason.
+    """
+
+    error: ErrorInfo | None = None
+    missing: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Abort:
+    """Host -> child: stop this activation at its next step call."""
+
+    activation_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxFault:
+    """Child -> host, just before it dies: a limit it broke (``memory``, ``cpu``, ...)."""
+
+    kind: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Fetch:
+    """Host -> child: run the tenant's ``fetch(request, env)``."""
+
+    request_id: int
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class FetchResult:
+    """Child -> host: what ``fetch`` returned, or its error."""
+
+    request_id: int
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    error: ErrorInfo | None = None
+
+
+# ---------------------------------------------------------------------------
+# the wire: length-prefixed msgpack frames, decoded strictly
+
+#: The child never sends more than a step result's limit plus room for its envelope.
+CHILD_FRAME_LIMIT: Final = MAX_PAYLOAD_BYTES + 64 * 1024
+#: The host is trusted; its frames (an Activate carrying a journal) may be large.
+HOST_FRAME_LIMIT: Final = 512 * 1024 * 1024
+
+
+class ProtocolError(Exception):
+    """A frame that is too large, not msgpack, of an unknown type or of the wrong shape."""
+
+
+def _any(value: Any) -> Any:
+    return value
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProtocolError(f"expected an integer, got {type(value).__name__}")
+    return value
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ProtocolError(f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ProtocolError(f"expected a boolean, got {type(value).__name__}")
+    return value
+
+
+def _bytes(value: Any) -> bytes:
+    if not isinstance(value, bytes):
+        raise ProtocolError(f"expected bytes, got {type(value).__name__}")
+    return value
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ProtocolError(f"expected a number, got {type(value).__name__}")
+    return float(value)
+
+
+def _optional(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    return lambda value: None if value is None else check(value)
+
+
+def _str_dict(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise ProtocolError("expected a dict of strings")
+    return value
+
+
+def _any_dict(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ProtocolError("expected a dict with string keys")
+    return value
+
+
+def _error_info(value: Any) -> ErrorInfo:
+    if not isinstance(value, list) or len(value) != 4:
+        raise ProtocolError("malformed error")
+    return ErrorInfo(_str(value[0]), _str(value[1]), _bool(value[2]), _optional(_str)(value[3]))
+
+
+def _enum(kind: type[enum.Enum]) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        try:
+            return kind(value)
+        except ValueError:
+            raise ProtocolError(f"invalid {kind.__name__} {value!r:.40}") from None
+
+    return check
+
+
+def _journal(value: Any) -> tuple[JournalEntry, ...]:
+    if not isinstance(value, list):
+        raise ProtocolError("malformed journal")
+    return tuple(_decode_fields(JournalEntry, item) for item in value)
+
+
+_FIELD_CHECKS: Final[dict[type, tuple[Callable[[Any], Any], ...]]] = {
+    JournalEntry: (
+        _int,
+        _str,
+        _int,
+        _enum(StepKind),
+        _enum(StepStatus),
+        _int,
+        _any,
+        _optional(_error_info),
+    ),
+    Activate: (_int, _str, _str, _any, _number, _journal, _int),
+    Reply: (_int, _int, _enum(ReplyKind), _any, _optional(_error_info), _int),
+    StepStarted: (_int, _int, _str, _int, _int, _optional(_any_dict), _optional(_number)),
+    StepFinished: (_int, _int, _str, _int, _int, _bool, _any, _optional(_error_info)),
+    SleepRequested: (_int, _int, _str, _int, _optional(_number), _optional(_number)),
+    WaitRequested: (_int, _int, _str, _int, _str, _number),
+    LogLine: (_int, _str, _str),
+    WorkflowFinished: (_int, _bool, _any, _optional(_error_info)),
+    Suspended: (_int,),
+    LoadCode: (_str, _str, _str_dict),
+    Ready: (_optional(_error_info), _str_dict),
+    Abort: (_int,),
+    SandboxFault: (_str, _str),
+    Fetch: (_int, _str, _str, _str_dict, _str_dict, _bytes),
+    FetchResult: (_int, _int, _str_dict, _bytes, _optional(_error_info)),
+}
+_TAGS: Final[dict[type, int]] = {kind: tag for tag, kind in enumerate(_FIELD_CHECKS)}
+_KINDS: Final[dict[int, type]] = {tag: kind for kind, tag in _TAGS.items()}
+
+
+def _decode_fields(kind: type, items: Any) -> Any:
+    checks = _FIELD_CHECKS[kind]
+    if not isinstance(items, list) or len(items) != len(checks):
+        raise ProtocolError(f"malformed {kind.__name__}")
+    return kind(*(check(item) for check, item in zip(checks, items, strict=True)))
+
+
+def _to_wire(value: Any) -> Any:
+    if isinstance(value, ErrorInfo):
+        return [value.name, value.message, value.retryable, value.code]
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, JournalEntry):
+        return [_to_wire(getattr(value, f.name)) for f in fields(value)]
+    if isinstance(value, tuple) and value and isinstance(value[0], JournalEntry):
+        return [_to_wire(v) for v in value]
+    return value
+
+
+def encode(message: Any) -> bytes:
+    """One message as a msgpack body (the framing adds the length)."""
+    tag = _TAGS[type(message)]
+    body = [tag, *(_to_wire(getattr(message, f.name)) for f in fields(message))]
+    packed: bytes = msgpack.packb(body, use_bin_type=True)
+    return packed
+
+
+def decode(body: bytes) -> Any:
+    """Parse and check one message; anything unexpected raises ProtocolError."""
+    try:
+        items = msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True)
+    except Exception as exc:  # msgpack raises several unrelated types on bad input
+        raise ProtocolError(f"malformed frame: {type(exc).__name__}") from None
+    if not isinstance(items, list) or not items or not isinstance(items[0], int):
+        raise ProtocolError("a frame must be a list starting with a message tag")
+    kind = _KINDS.get(items[0])
+    if kind is None:
+        raise ProtocolError(f"unknown message type {items[0]!r:.20}")
+    try:
+        return _decode_fields(kind, items[1:])
+    except ProtocolError:
+        raise
+    except Exception as exc:  # a checked field that the dataclass still refuses
+        raise ProtocolError(f"malformed {kind.__name__}: {type(exc).__name__}") from None

@@ -24,5 +24,7 @@ async def test_three_steps(env):
     assert final is InstanceStatus.COMPLETE, view
     assert view.record.output == {"a": 2, "b": 5}
     assert [(s.name, s.status.value) for s in view.steps] == [
-        ("a", "complete"), ("nap", "complete"), ("b", "complete")
+        ("a", "complete"),
+        ("nap", "complete"),
+        ("b", "complete"),
     ]

@@ -1,0 +1,277 @@
+"""Code that runs inside a sandbox process, and nowhere else.
+
+A sandbox is forked from the zygote, isolates itself (``_oslayers``), then serves one
+tenant's code version over its RPC socket::
+
+    host                                   this process
+    LoadCode(files) ───────────────────▶   compile_tenant + load_tenant (RestrictedPython)
+                    ◀───────────────────   Ready(error?, missing layers)
+    Activate ──────────────────────────▶   a thread runs Executor(run(event, step))
+                    ◀───────────────────   StepStarted / StepFinished / ... (commands)
+    Reply / Abort ─────────────────────▶   routed to the activation's thread
+    Fetch ─────────────────────────────▶   a thread runs fetch(request, env)
+                    ◀───────────────────   FetchResult
+
+The main thread only reads frames. When the host closes the socket, the process exits.
+A limit broken in a way Python cannot report (CPU time) is announced with a
+``SandboxFault`` frame just before the process dies.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any, NoReturn
+
+from . import _executor, sdk
+from ._executor import ActivationAborted, Executor
+from ._framing import SyncFrames
+from ._restricted import TenantCompileError, compile_tenant, load_tenant
+from .protocol import (
+    HOST_FRAME_LIMIT,
+    Abort,
+    Activate,
+    Command,
+    ErrorInfo,
+    Fetch,
+    FetchResult,
+    LoadCode,
+    Ready,
+    Reply,
+    SandboxFault,
+    StepStarted,
+    decode,
+    encode,
+)
+
+__all__ = ["SandboxLimits", "serve"]
+
+#: Each activation runs on its own thread; a small stack keeps 100 threads well inside
+#: the address-space limit (RLIMIT_AS counts reserved stacks).
+_THREAD_STACK_BYTES = 2 * 1024 * 1024
+_RECURSION_LIMIT = 400
+
+
+class SandboxLimits:
+    """The limits the child reports by name when tenant code breaks them."""
+
+    def __init__(self, memory_mb: int, cpu_seconds: int) -> None:
+        self.memory_mb = memory_mb
+        self.cpu_seconds = cpu_seconds
+
+
+class _ChildPort:
+    """An activation's end inside the sandbox: frames out, replies routed back by ``seq``."""
+
+    def __init__(self, child: _Child, activation_id: int) -> None:
+        self._child = child
+        self._aid = activation_id
+        self._cond = threading.Condition()
+        self._replies: dict[int, Reply] = {}
+        self._aborted = False
+
+    def notify(self, command: Command) -> None:
+        if self._aborted:
+            raise ActivationAborted()
+        if isinstance(command, StepStarted):
+            self._child.start_cpu_budget()
+        self._child.send(command)
+
+    def request(self, command: Command) -> Reply:
+        seq = getattr(command, "seq", -1)
+        self.notify(command)
+        with self._cond:
+            while seq not in self._replies:
+                if self._aborted:
+                    raise ActivationAborted()
+                self._cond.wait()
+            return self._replies.pop(seq)
+
+    def put_reply(self, reply: Reply) -> None:
+        with self._cond:
+            self._replies[reply.seq] = reply
+            self._cond.notify_all()
+
+    def abort(self) -> None:
+        with self._cond:
+            self._aborted = True
+            self._cond.notify_all()
+
+
+class _Request:
+    """The ``request`` a tenant's ``fetch`` receives."""
+
+    def __init__(self, message: Fetch) -> None:
+        self.method = message.method
+        self.path = message.path
+        self.query = dict(message.query)
+        self.headers = dict(message.headers)
+        self.body = message.body
+
+    def json(self) -> Any:
+        import json
+
+        return json.loads(self.body or b"null")
+
+
+class _Env:
+    """The ``env`` tenant code sees (the WORKFLOWS binding stub arrives with the loader)."""
+
+    def __init__(self) -> None:
+        self.WORKFLOWS: Any = None
+
+
+class _Child:
+    def __init__(self, frames: SyncFrames, limits: SandboxLimits) -> None:
+        self._frames = frames
+        self._limits = limits
+        self._ports: dict[int, _ChildPort] = {}
+        self._namespace: Mapping[str, object] = {}
+        self._env = _Env()
+
+    def send(self, message: Any) -> None:
+        self._frames.send(encode(message))
+
+    # -- limits ---------------------------------------------------------------------
+
+    def start_cpu_budget(self) -> None:
+        """Give the attempt about to start its own ``cpu_seconds`` of CPU time."""
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        used = int(usage.ru_utime + usage.ru_stime)
+        _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+        soft = used + self._limits.cpu_seconds
+        if hard != resource.RLIM_INFINITY:
+            soft = min(soft, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
+        except (OSError, ValueError):
+            pass  # the process-wide budget still applies
+
+    def _on_cpu_limit(self, signum: int, frame: object) -> None:
+        fault = SandboxFault("cpu", f"cpu limit {self._limits.cpu_seconds} s exceeded")
+        try:
+            self.send(fault)
+        finally:
+            os._exit(1)
+
+    # -- the main loop ---------------------------------------------------------------
+
+    def serve(self, missing: dict[str, str]) -> None:
+        signal.signal(signal.SIGXCPU, self._on_cpu_limit)
+        _executor.LIMIT_MESSAGES[MemoryError] = (
+            f"memory limit {self._limits.memory_mb} MiB exceeded"
+        )
+        _executor.LIMIT_MESSAGES[RecursionError] = "recursion limit exceeded"
+        first = decode(self._frames.receive())
+        if not isinstance(first, LoadCode):
+            return
+        error = self._load(first)
+        self.send(Ready(error, missing))
+        if error is not None:
+            return
+        while True:
+            try:
+                message = decode(self._frames.receive())
+            except EOFError:
+                return
+            if isinstance(message, Activate):
+                self._activate(message)
+            elif isinstance(message, Reply):
+                port = self._ports.get(message.activation_id)
+                if port is not None:
+                    port.put_reply(message)
+            elif isinstance(message, Abort):
+                port = self._ports.pop(message.activation_id, None)
+                if port is not None:
+                    port.abort()
+            elif isinstance(message, Fetch):
+                self._start(self._fetch, message, name=f"fetch-{message.request_id}")
+
+    def _load(self, message: LoadCode) -> ErrorInfo | None:
+        try:
+            compiled = compile_tenant(message.files)
+            sdk_names = {name: getattr(sdk, name) for name in sdk.__all__}
+            self._namespace = load_tenant(compiled, sdk=sdk_names, print_sink=sdk.log.info)
+        except TenantCompileError as exc:
+            return ErrorInfo("TenantLoadError", str(exc), False, code="tenant.load_failed")
+        except BaseException as exc:  # module-level tenant code may raise anything
+            return ErrorInfo(
+                "TenantLoadError",
+                f"main.py raised {type(exc).__name__}: {exc}",
+                False,
+                code="tenant.load_failed",
+            )
+        return None
+
+    def _start(self, target: Callable[..., None], *args: Any, name: str) -> None:
+        threading.Thread(target=target, args=args, name=name, daemon=True).start()
+
+    def _activate(self, message: Activate) -> None:
+        port = _ChildPort(self, message.activation_id)
+        self._ports[message.activation_id] = port
+        workflow = self._namespace.get("TenantWorkflow")
+
+        def make_workflow() -> Any:
+            if not callable(workflow):
+                raise sdk.NonRetryableError(
+                    "main.py defines no TenantWorkflow class", name="TenantLoadError"
+                )
+            return workflow(self._env)
+
+        def run() -> None:
+            try:
+                Executor(message, port, make_workflow).run()
+            finally:
+                self._ports.pop(message.activation_id, None)
+
+        self._start(run, name=f"activation-{message.activation_id}")
+
+    def _fetch(self, message: Fetch) -> None:
+        handler = self._namespace.get("fetch")
+        try:
+            if not callable(handler):
+                raise LookupError("main.py defines no fetch(request, env) function")
+            result = handler(_Request(message), self._env)
+            self.send(_fetch_result(message.request_id, result))
+        except BaseException as exc:  # tenant code may raise anything
+            error = _executor._error_info(exc)
+            self.send(FetchResult(message.request_id, 500, {}, b"", error))
+
+
+def _fetch_result(request_id: int, result: Any) -> FetchResult:
+    import json
+
+    if isinstance(result, sdk.Response):
+        body = result.body
+        headers = {str(k).lower(): str(v) for k, v in result.headers.items()}
+        if isinstance(body, str):
+            body = body.encode()
+        elif not isinstance(body, bytes):
+            body = json.dumps(body).encode()
+            headers.setdefault("content-type", "application/json")
+        return FetchResult(request_id, int(result.status), headers, body)
+    if isinstance(result, str):
+        return FetchResult(
+            request_id, 200, {"content-type": "text/plain; charset=utf-8"}, result.encode()
+        )
+    return FetchResult(
+        request_id, 200, {"content-type": "application/json"}, json.dumps(result).encode()
+    )
+
+
+def serve(sock_fd: int, limits: SandboxLimits, missing: dict[str, str]) -> NoReturn:
+    """Run the sandbox on the RPC socket ``sock_fd`` until the host closes it; never returns."""
+    code = 0
+    try:
+        threading.stack_size(_THREAD_STACK_BYTES)
+        sys.setrecursionlimit(_RECURSION_LIMIT)
+        sock = socket.socket(fileno=sock_fd)
+        _Child(SyncFrames(sock, HOST_FRAME_LIMIT), limits).serve(missing)
+    except BaseException:  # nothing may escape a forked child: it must exit here
+        code = 1
+    os._exit(code)
