@@ -30,8 +30,12 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" -x
 
+$(VENV)/.installed-bench: $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install -q -e '.[dev,bench]'
+	@touch $@
+
 .PHONY: bench  # Measure speed and memory; prints a table and writes bench/results.json (FULL=1 for large sizes)
-bench: $(STAMP)
+bench: $(VENV)/.installed-bench
 	$(BIN)/python -m bench $(if $(FULL),--full,)
 
 .PHONY: lint  # ruff: style and likely bugs

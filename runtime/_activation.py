@@ -122,24 +122,38 @@ class ActivationDriver:
         self._clock = engine.clock
         self._writer = engine.writer
         self._expired: set[int] = set()
+        self.aborted = False
 
     async def converse(self, channel: ActivationChannel) -> Command | None:
-        """Handle commands until the final one; None if the session was stopped."""
+        """Handle commands until the final one; None if the session was stopped.
+
+        Raises RunnerError if the workflow side dies or breaks the protocol, LeaseLost if
+        the instance was terminated or restarted meanwhile.
+        """
         session = self._session
         session.channel = channel
+        final: Command | None = None
+        failure: RunnerError | LeaseLost | None = None
         async with trio.open_nursery() as timers:
             try:
                 with session.scope:
-                    while True:
-                        command = await channel.receive()
-                        if session.stopped:
-                            return None
-                        if isinstance(command, WorkflowFinished | Suspended):
-                            return command
-                        await self._handle(command, channel, timers)
-                return None  # the scope was cancelled: a timeout or a stop
+                    final = await self._converse(channel, timers)
+            except (RunnerError, LeaseLost) as exc:
+                failure = exc  # re-raised outside the nursery, not as an ExceptionGroup
             finally:
                 timers.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        return final
+
+    async def _converse(self, channel: ActivationChannel, timers: trio.Nursery) -> Command | None:
+        while True:
+            command = await channel.receive()
+            if self._session.stopped:
+                return None
+            if isinstance(command, WorkflowFinished | Suspended):
+                return command
+            await self._handle(command, channel, timers)
 
     async def _handle(
         self, command: Command, channel: ActivationChannel, timers: trio.Nursery
@@ -204,18 +218,24 @@ class ActivationDriver:
         # other attempt in flight shares its fate, as if its process had crashed.
         self._session.inflight.pop(attempt.seq)
         self._expired.add(attempt.seq)
+        self.aborted = True  # the runner may now report a crash: it is the kill we asked for
         # Shielded: the conversation may end meanwhile, but the failure must be recorded.
         with trio.CancelScope(shield=True):
-            await self._record_failure(
-                attempt,
-                ErrorInfo("StepTimeoutError", "step attempt timed out", code="step.timeout"),
-            )
-            await self.fail_inflight(
-                ErrorInfo("SandboxCrashedError", "stopped together with a timed-out step")
-            )
-            if self._session.channel is not None:
-                await self._session.channel.abort("step timeout")
+            try:
+                await self._fail_timed_out(attempt)
+            except LeaseLost:
+                self._session.stopped = True
         self._session.scope.cancel()
+
+    async def _fail_timed_out(self, attempt: _Attempt) -> None:
+        await self._record_failure(
+            attempt, ErrorInfo("StepTimeoutError", "step attempt timed out", code="step.timeout")
+        )
+        await self.fail_inflight(
+            ErrorInfo("SandboxCrashedError", "stopped together with a timed-out step")
+        )
+        if self._session.channel is not None:
+            await self._session.channel.abort("step timeout")
 
     async def _finish_attempt(self, command: StepFinished) -> Reply:
         if command.seq in self._expired:

@@ -60,7 +60,10 @@ class MockClock(Clock):
             return
         event = trio.Event()
         heapq.heappush(self._sleepers, (deadline, next(self._order), event))
-        await event.wait()
+        try:
+            await event.wait()
+        finally:
+            event.set()  # a cancelled sleeper no longer counts as a deadline
 
     def next_deadline(self) -> float | None:
         """The earliest time a sleeper waits for, if any."""

@@ -188,10 +188,10 @@ class Engine:
 
     def kick_timers(self, wake_at: float | None = None) -> None:
         """Tell the timer loop a timer changed (earlier than it sleeps for, maybe)."""
-        self._timer_dirty = True
-        if self._timer_scope is not None and (
-            wake_at is None or self._timer_target is None or wake_at < self._timer_target
-        ):
+        if self._timer_scope is None:
+            self._timer_dirty = True  # the loop is between sleeps: make it look again
+        elif wake_at is None or self._timer_target is None or wake_at < self._timer_target:
+            self._timer_dirty = True
             self._timer_scope.cancel()
 
     def notify_change(self, key: int) -> None:
@@ -609,6 +609,8 @@ class Engine:
             crash = exc
         if session.stopped:
             return
+        if crash is not None and driver.aborted:
+            crash = None  # the runner died because we killed it over a step timeout
         try:
             if crash is not None and crash.permanent:
                 error = crash.error or ErrorInfo("RunnerError", str(crash), False)

@@ -152,7 +152,11 @@ class _Child:
         except (OSError, ValueError):
             pass  # the process-wide budget still applies
 
-    def _on_cpu_limit(self, signum: int, frame: object) -> None:
+    def _watch_cpu_limit(self) -> None:
+        # SIGXCPU goes to whichever thread the kernel picks, and a Python handler only
+        # runs on the main thread, which sits in recv(): so the signal is blocked in
+        # every thread and this one collects it synchronously.
+        signal.sigwait({signal.SIGXCPU})
         fault = SandboxFault("cpu", f"cpu limit {self._limits.cpu_seconds} s exceeded")
         try:
             self.send(fault)
@@ -162,7 +166,8 @@ class _Child:
     # -- the main loop ---------------------------------------------------------------
 
     def serve(self, missing: dict[str, str]) -> None:
-        signal.signal(signal.SIGXCPU, self._on_cpu_limit)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGXCPU})
+        self._start(self._watch_cpu_limit, name="cpu-limit")
         _executor.LIMIT_MESSAGES[MemoryError] = (
             f"memory limit {self._limits.memory_mb} MiB exceeded"
         )

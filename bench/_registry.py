@@ -1,0 +1,21 @@
+"""Every benchmark, in the order ``python -m bench`` runs them.
+
+To add one: write ``@benchmark("area.what", "summary") def fn(ctx) -> list[Measurement]``
+in a module of this package and append it here.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from . import dbos_bench, engine_bench
+from ._core import Benchmark
+
+__all__ = ["BENCHMARKS"]
+
+BENCHMARKS: Final[tuple[Benchmark, ...]] = (
+    engine_bench.sequential_step_overhead,
+    engine_bench.concurrent_steps_per_second,
+    engine_bench.creations_per_second_inprocess,
+    dbos_bench.three_step_workflows,
+)
