@@ -67,7 +67,7 @@ class _Attempt:
     attempt: int
     policy: RetryPolicy
     started_at: float
-    deadline_scope: trio.CancelScope
+    deadline: float
 
 
 @dataclass
@@ -87,6 +87,8 @@ class Session:
 
 
 def _check_name(name: object) -> str:
+    if isinstance(name, str) and name in _VALID_NAMES:
+        return name
     if (
         not isinstance(name, str)
         or not name
@@ -94,7 +96,12 @@ def _check_name(name: object) -> str:
         or any(unicodedata.category(ch) == "Cc" for ch in name)
     ):
         raise ProtocolViolation(f"invalid step name {name!r:.80}")
+    if len(_VALID_NAMES) < 4096:  # names repeat in loops: check each once
+        _VALID_NAMES.add(name)
     return name
+
+
+_VALID_NAMES: set[str] = set()
 
 
 def _payload_error(value: Any, what: str) -> ErrorInfo | None:
@@ -123,6 +130,9 @@ class ActivationDriver:
         self._writer = engine.writer
         self._expired: set[int] = set()
         self.aborted = False
+        self._watching: tuple[float, _Attempt] | None = None
+        self._watch_scope: trio.CancelScope | None = None
+        self._watch_changed = trio.Event()
 
     async def converse(self, channel: ActivationChannel) -> Command | None:
         """Handle commands until the final one; None if the session was stopped.
@@ -135,9 +145,10 @@ class ActivationDriver:
         final: Command | None = None
         failure: RunnerError | LeaseLost | None = None
         async with trio.open_nursery() as timers:
+            timers.start_soon(self._watchdog)
             try:
                 with session.scope:
-                    final = await self._converse(channel, timers)
+                    final = await self._converse(channel)
             except (RunnerError, LeaseLost) as exc:
                 failure = exc  # re-raised outside the nursery, not as an ExceptionGroup
             finally:
@@ -146,18 +157,16 @@ class ActivationDriver:
             raise failure
         return final
 
-    async def _converse(self, channel: ActivationChannel, timers: trio.Nursery) -> Command | None:
+    async def _converse(self, channel: ActivationChannel) -> Command | None:
         while True:
             command = await channel.receive()
             if self._session.stopped:
                 return None
             if isinstance(command, WorkflowFinished | Suspended):
                 return command
-            await self._handle(command, channel, timers)
+            await self._handle(command, channel)
 
-    async def _handle(
-        self, command: Command, channel: ActivationChannel, timers: trio.Nursery
-    ) -> None:
+    async def _handle(self, command: Command, channel: ActivationChannel) -> None:
         if getattr(command, "activation_id", None) != self._session.activation_id:
             raise ProtocolViolation("a command for another activation")
         if isinstance(command, LogLine):
@@ -168,7 +177,7 @@ class ActivationDriver:
             raise ProtocolViolation(f"step position {seq!r:.20} is out of range")
         _check_name(getattr(command, "name", None))
         if isinstance(command, StepStarted):
-            self._start_attempt(command, timers)
+            self._start_attempt(command)
             return
         if isinstance(command, StepFinished):
             reply = await self._finish_attempt(command)
@@ -182,7 +191,7 @@ class ActivationDriver:
 
     # -- step.do ----------------------------------------------------------------------
 
-    def _start_attempt(self, command: StepStarted, timers: trio.Nursery) -> None:
+    def _start_attempt(self, command: StepStarted) -> None:
         try:
             policy = merge_retry_policy(command.retries)
         except RetryPolicyError:
@@ -192,27 +201,38 @@ class ActivationDriver:
             raise ProtocolViolation("invalid step timeout")
         now = self._clock.now()
         attempt = _Attempt(
-            command.seq,
-            command.name,
-            command.count,
-            command.attempt,
-            policy,
-            now,
-            trio.CancelScope(),
+            command.seq, command.name, command.count, command.attempt, policy, now, now + timeout
         )
-        previous = self._session.inflight.get(command.seq)
-        if previous is not None:
-            previous.deadline_scope.cancel()
         self._session.inflight[command.seq] = attempt
-        timers.start_soon(self._expire, attempt, now + timeout)
+        self._rearm_watchdog(attempt.deadline)
 
-    async def _expire(self, attempt: _Attempt, deadline: float) -> None:
-        with attempt.deadline_scope:
-            await self._clock.sleep_until(deadline)
-        if attempt.deadline_scope.cancelled_caught or attempt.deadline_scope.cancel_called:
+    def _rearm_watchdog(self, deadline: float) -> None:
+        if self._watching is None:
+            self._watch_changed.set()
+        elif deadline < self._watching[0] and self._watch_scope is not None:
+            self._watch_scope.cancel()
+
+    async def _watchdog(self) -> None:
+        """One task per activation enforces every attempt's timeout (no task per step)."""
+        while True:
+            inflight = self._session.inflight
+            if not inflight:
+                self._watching = None
+                self._watch_changed = trio.Event()
+                await self._watch_changed.wait()
+                continue
+            attempt = min(inflight.values(), key=lambda a: a.deadline)
+            self._watching = (attempt.deadline, attempt)
+            with trio.CancelScope() as scope:
+                self._watch_scope = scope
+                await self._clock.sleep_until(attempt.deadline)
+            self._watch_scope = None
+            if scope.cancelled_caught or inflight.get(attempt.seq) is not attempt:
+                continue  # an earlier deadline arrived, or the attempt finished in time
+            await self._expire(attempt)
             return
-        if self._session.inflight.get(attempt.seq) is not attempt:
-            return
+
+    async def _expire(self, attempt: _Attempt) -> None:
         # The attempt overran its timeout: it fails, and whatever runs it is stopped (a
         # thread cannot be interrupted, so it is abandoned; a sandbox is killed). Every
         # other attempt in flight shares its fate, as if its process had crashed.
@@ -243,7 +263,6 @@ class ActivationDriver:
         attempt = self._session.inflight.pop(command.seq, None)
         if attempt is None or attempt.attempt != command.attempt:
             raise ProtocolViolation(f"step {command.name!r} finished without starting")
-        attempt.deadline_scope.cancel()
         if command.ok:
             error = _payload_error(command.output, "step result")
             if error is None:
@@ -277,7 +296,6 @@ class ActivationDriver:
         """Record every attempt in flight as failed (the process running it died)."""
         for seq in sorted(self._session.inflight):
             attempt = self._session.inflight.pop(seq)
-            attempt.deadline_scope.cancel()
             await self._record_failure(attempt, error)
 
     def _step(

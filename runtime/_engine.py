@@ -145,8 +145,8 @@ class Engine:
         self._timer_target: float | None = None
         self._timer_dirty = True
         self._timer_idle = False
-        self._changed = trio.Event()
-        self._logged = trio.Event()
+        self._changed: dict[int, trio.Event] = {}
+        self._logged: dict[int, trio.Event] = {}
         self._nursery: trio.Nursery | None = None
         self.recovered = 0
 
@@ -195,14 +195,24 @@ class Engine:
             self._timer_scope.cancel()
 
     def notify_change(self, key: int) -> None:
-        """An instance's status or journal changed (wakes ``wait_for_*`` watchers)."""
-        changed, self._changed = self._changed, trio.Event()
-        changed.set()
+        """An instance's status or journal changed (wakes its ``wait_for_*`` watchers)."""
+        changed = self._changed.pop(key, None)
+        if changed is not None:
+            changed.set()
 
     def notify_log(self, key: int) -> None:
-        """An instance's log grew."""
-        logged, self._logged = self._logged, trio.Event()
-        logged.set()
+        """An instance's log grew (wakes its log followers)."""
+        logged = self._logged.pop(key, None)
+        if logged is not None:
+            logged.set()
+
+    def change_event(self, key: int) -> trio.Event:
+        """An event set at the next change of this instance (take it before reading)."""
+        return self._changed.setdefault(key, trio.Event())
+
+    def log_event(self, key: int) -> trio.Event:
+        """An event set when this instance's log next grows."""
+        return self._logged.setdefault(key, trio.Event())
 
     # ------------------------------------------------------------------ the instance API
 
@@ -474,11 +484,15 @@ class Engine:
     ) -> InstanceStatus:
         """Return once the instance is in one of ``statuses`` (no timeout: wrap it in one)."""
         wanted = {InstanceStatus(s) for s in statuses}
+        key = (await self._get_record(tenant_id, instance_id)).key
         while True:
-            changed = self._changed
-            status = await self.status(tenant_id, instance_id)
+            changed = self.change_event(key)
+            status = await self._read(lambda txn: txn.get_status(key))
             if status in wanted:
+                assert status is not None
                 return status
+            if status is None:
+                raise InstanceNotFound(tenant_id, instance_id)
             await changed.wait()
 
     async def put_code_version(self, tenant_id: str, version: str, files: bytes) -> None:
@@ -656,7 +670,8 @@ class Engine:
             woken = await self.writer.submit(due)
             if woken:
                 self.kick_dispatch()
-                self.notify_change(-1)
+                for key in woken:
+                    self.notify_change(key)
                 if len(woken) >= _WAKE_BATCH:
                     continue
             target = await self._read(lambda txn: txn.next_wake_at())

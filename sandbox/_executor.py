@@ -20,13 +20,14 @@ import threading
 import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from types import MappingProxyType
+from typing import Any, Final, Protocol
 
 import msgpack
 
 from . import sdk
 from ._durations import MAX_SLEEP_SECONDS, DurationError, parse_duration, to_epoch
-from ._retry import merge_retry_policy, parse_timeout
+from ._retry import DEFAULT_TIMEOUT_SECONDS, RetryPolicy, merge_retry_policy, parse_timeout
 from .protocol import (
     EVENT_TYPE_PATTERN,
     MAX_ID_LENGTH,
@@ -138,6 +139,8 @@ def _error_info(exc: BaseException) -> ErrorInfo:
 
 
 def _check_step_name(name: object) -> str:
+    if isinstance(name, str) and name in _VALID_NAMES:
+        return name
     if not isinstance(name, str) or not name:
         raise InvalidStepError("a step name must be a non-empty string")
     if len(name) > MAX_STEP_NAME_LENGTH:
@@ -146,7 +149,19 @@ def _check_step_name(name: object) -> str:
         )
     if any(unicodedata.category(ch) == "Cc" for ch in name):
         raise InvalidStepError(f"step name {name!r} contains control characters")
+    if len(_VALID_NAMES) < 4096:  # names repeat in loops: check each once
+        _VALID_NAMES.add(name)
     return name
+
+
+_VALID_NAMES: set[str] = set()
+
+
+#: The config of a step called without retries or timeout (the common case), shared
+#: and read-only: ``ctx.config`` is visible to tenant code.
+_DEFAULT_CONFIG: Final[Mapping[str, Any]] = MappingProxyType(
+    {"retries": MappingProxyType(RetryPolicy().as_config()), "timeout": DEFAULT_TIMEOUT_SECONDS}
+)
 
 
 class _Suspend(BaseException):
@@ -181,6 +196,13 @@ class WorkflowEvent:
 
 
 def _wants_context(callback: Callable[..., Any]) -> bool:
+    """Whether the callback takes ``ctx``: one required positional parameter, or *args."""
+    code = getattr(callback, "__code__", None)
+    if code is not None and not inspect.ismethod(callback):
+        # The fast path for plain functions and lambdas (every step call asks).
+        defaults = getattr(callback, "__defaults__", None) or ()
+        required = code.co_argcount - len(defaults)
+        return required >= 1 or bool(code.co_flags & inspect.CO_VARARGS)
     try:
         params = inspect.signature(callback).parameters.values()
     except (TypeError, ValueError):
@@ -401,9 +423,11 @@ class Executor:
                 raise failures[name]
         return {name: results[name] for _, name, *_ in calls}
 
-    def _step_config(self, callback: object, retries: object, timeout: object) -> dict[str, Any]:
+    def _step_config(self, callback: object, retries: object, timeout: object) -> Mapping[str, Any]:
         if callback is not None and not callable(callback):
             raise InvalidStepError("a step's callback must be callable")
+        if retries is None and timeout is None:
+            return _DEFAULT_CONFIG
         try:
             policy = merge_retry_policy(retries)
             seconds = parse_timeout(timeout)
@@ -418,7 +442,7 @@ class Executor:
         count: int,
         entry: JournalEntry | None,
         callback: Callable[..., Any],
-        config: dict[str, Any],
+        config: Mapping[str, Any],
     ) -> Any:
         if entry is not None and entry.status is StepStatus.COMPLETE:
             return entry.output
@@ -428,10 +452,12 @@ class Executor:
         attempt = entry.attempts + 1 if entry is not None else 1
         aid = self._activation.activation_id
         with_ctx = _wants_context(callback)
+        # The host merges None over its own defaults; only a tenant's own config is sent.
+        retries_sent = None if config is _DEFAULT_CONFIG else dict(config["retries"])
         while True:
             self._check_usable()
             self._port.notify(
-                StepStarted(aid, seq, name, count, attempt, config["retries"], config["timeout"])
+                StepStarted(aid, seq, name, count, attempt, retries_sent, config["timeout"])
             )
             ctx = StepContext(attempt, StepInfo(name, count), config)
             self._in_step.active = True

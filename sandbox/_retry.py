@@ -56,10 +56,13 @@ class RetryPolicy:
         return {"limit": self.limit, "delay": self.delay, "backoff": self.backoff}
 
 
+_DEFAULT_POLICY: Final = RetryPolicy()
+
+
 def merge_retry_policy(retries: object) -> RetryPolicy:
     """Merge a tenant's partial ``retries`` dict over the defaults, validating every field."""
     if retries is None:
-        return RetryPolicy()
+        return _DEFAULT_POLICY
     if not isinstance(retries, dict):
         raise RetryPolicyError("retries must be a dict with limit, delay and backoff")
     unknown = set(retries) - {"limit", "delay", "backoff"}

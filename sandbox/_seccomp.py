@@ -3,10 +3,10 @@
 Built with pyseccomp (ctypes over libseccomp) and compiled to a raw BPF program in the
 zygote by :func:`compile_filter`, so a forked child pays for one ``prctl`` (0.27 ms
 measured, against 0.63 ms for libseccomp's ``seccomp_load``, which regenerates the BPF
-program on every call). Anything not listed returns EPERM: tenant code
-sees an ordinary ``PermissionError`` rather than a dead process, which keeps errors
-readable while the list is young. (KILL_PROCESS is the stricter choice once production
-workloads have proven the list; it is one constant below.)
+program on every call). Anything not listed returns EPERM: tenant code sees an ordinary
+``PermissionError`` rather than a dead process, which keeps errors readable while the
+list is young. (KILL_PROCESS is the stricter default once production workloads have
+proven the list; it is a one-line change in ``_build_filter``.)
 
 What the list is for: a forked, already-initialised CPython that computes, allocates,
 starts threads, talks msgpack over the descriptors it was given and formats exceptions.
@@ -27,8 +27,8 @@ Argument filters (the ones that are not a plain allow):
 * ``fcntl`` and ``ioctl``: a handful of commands CPython uses on its own descriptors
   (F_SETOWN would aim SIGIO at another process; TIOCSTI would type into a terminal);
 * ``prlimit64``: on itself only; read-only, except RLIMIT_CPU, which the sandbox moves
-  per step attempt (a soft budget below the hard limit it cannot raise once the uid is
-  dropped).
+  per step attempt (a soft budget under the hard limit, which it cannot raise once the
+  uid is dropped -- a sandbox left running as root could).
 
 ``tgkill`` stays allowed because glibc's ``raise``/``pthread_kill`` need it; signalling
 *another* process with it is stopped by the per-tenant uid and Landlock signal scoping.

@@ -102,6 +102,8 @@ def _become_sandbox(request: dict[str, Any], rpc_fd: int, seccomp: Any, zygote_p
         uid=uid if Layer.UID in layers else None,
         gid=gid if Layer.UID in layers else None,
         keep_fds=(rpc_fd,),
+        # Every activation is a thread, and RLIMIT_NPROC counts the tenant uid's threads.
+        processes=2048,
         layers=layers,
         parent_pid=zygote_pid,
     )
@@ -128,6 +130,8 @@ def _reap(control: socket.socket) -> None:
 def main(control_fd: int) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    # Ctrl-C reaches the whole process group; the supervisor decides when we stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     control = socket.socket(fileno=control_fd)
     seccomp = _preimport()
     me = os.getpid()

@@ -1,0 +1,67 @@
+"""Tenants from a folder: ``ROOT/<tenant_id>/main.py`` and its sibling modules.
+
+A tenant's code version is the SHA-256 of its files (names and contents, in a fixed
+order), so the same code always has the same version and any change makes a new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from sandbox.protocol import TENANT_ID_PATTERN
+
+__all__ = ["TenantCode", "code_version", "read_tenant", "scan_tenants"]
+
+_MAX_FILE_BYTES: Final = 256 * 1024
+_MAX_FILES: Final = 64
+
+
+@dataclass(frozen=True, slots=True)
+class TenantCode:
+    """One code version of a tenant: its files and their SHA-256."""
+
+    tenant_id: str
+    version: str
+    files: dict[str, str]
+
+
+def code_version(files: dict[str, str]) -> str:
+    """SHA-256 over the files' names and contents, independent of their order."""
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        data = files[name].encode()
+        digest.update(f"{name}\0{len(data)}\0".encode())
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def read_tenant(folder: Path) -> TenantCode:
+    """Read ``main.py``, its sibling ``*.py`` modules and ``tenant.toml`` of one tenant."""
+    tenant_id = folder.name
+    if not TENANT_ID_PATTERN.fullmatch(tenant_id):
+        raise ValueError(f"{folder}: {tenant_id!r} is not a valid tenant id")
+    paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".py", ".toml"))
+    if len(paths) > _MAX_FILES:
+        raise ValueError(f"{folder}: more than {_MAX_FILES} files")
+    files: dict[str, str] = {}
+    for path in paths:
+        data = path.read_bytes()
+        if len(data) > _MAX_FILE_BYTES:
+            raise ValueError(f"{path}: larger than {_MAX_FILE_BYTES} bytes")
+        files[path.name] = data.decode("utf-8")
+    if "main.py" not in files:
+        raise ValueError(f"{folder}: no main.py")
+    return TenantCode(tenant_id, code_version(files), files)
+
+
+def scan_tenants(root: Path) -> dict[str, TenantCode]:
+    """Every tenant folder under ``root`` that has a ``main.py``."""
+    tenants = {}
+    for folder in sorted(root.iterdir()):
+        if folder.is_dir() and (folder / "main.py").is_file():
+            code = read_tenant(folder)
+            tenants[code.tenant_id] = code
+    return tenants
