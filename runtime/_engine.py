@@ -604,11 +604,13 @@ class Engine:
             timestamp=record.created_at,
             journal=tuple(
                 JournalEntry(
-                    s.seq, s.name, s.count, s.kind, s.status, s.attempts, s.output, s.error
+                    s.seq, s.name, s.count, s.kind, s.status, s.attempts, s.output, s.error,
+                    s.wake_at,
                 )
                 for s in steps
             ),
             max_steps=self.max_steps,
+            now=self.clock.now(),
         )
         target = RunTarget(record.tenant_id, record.code_version, record.workflow_name)
         driver = ActivationDriver(self, session, self.max_steps)

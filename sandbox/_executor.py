@@ -118,7 +118,14 @@ def check_payload(value: Any, what: str) -> bytes:
 
 def _normalize(value: Any, what: str) -> Any:
     """What replay would return: the value after a msgpack round trip (tuples become lists)."""
-    return msgpack.unpackb(check_payload(value, what), raw=False, strict_map_key=True)
+    packed = check_payload(value, what)
+    try:
+        return msgpack.unpackb(packed, raw=False, strict_map_key=True)
+    except ValueError as exc:  # e.g. a dict with int or tuple keys
+        raise sdk.NonRetryableError(
+            f"{what} is not serializable: dict keys must be str ({exc})",
+            name="SerializationError",
+        ) from None
 
 
 #: Exceptions that mean a sandbox limit was hit, and how to name it; the sandbox child
@@ -385,7 +392,11 @@ class Executor:
     def do(self, name: object, callback: Any, retries: object, timeout: object) -> Any:
         seq, name, count, entry = self._next_call(name, StepKind.DO)
         config = self._step_config(callback, retries, timeout)
-        return self._run_do(seq, name, count, entry, callback, config)
+        try:
+            return self._run_do(seq, name, count, entry, callback, config)
+        except _Suspend:
+            self._suspended = True
+            raise
 
     def parallel(self, callbacks: object, retries: object, timeout: object) -> dict[str, Any]:
         if not isinstance(callbacks, dict) or not callbacks:
@@ -417,6 +428,7 @@ class Executor:
         for _, name, *_ in calls:
             exc = failures.get(name)
             if isinstance(exc, _Suspend | ActivationAborted):
+                self._suspended = True
                 raise exc
         for _, name, *_ in calls:
             if name in failures:
@@ -431,6 +443,8 @@ class Executor:
         try:
             policy = merge_retry_policy(retries)
             seconds = parse_timeout(timeout)
+            if seconds > MAX_SLEEP_SECONDS:
+                raise ValueError("a step timeout is at most 365 days")
         except ValueError as exc:
             raise InvalidStepError(str(exc)) from None
         return {"retries": policy.as_config(), "timeout": seconds}
@@ -449,6 +463,15 @@ class Executor:
         if entry is not None and entry.status is StepStatus.ERRORED:
             error = entry.error or ErrorInfo("StepError", "")
             raise sdk.StepError(error.name, error.message)
+        if (
+            entry is not None
+            and entry.status is StepStatus.RETRYING
+            and entry.wake_at is not None
+            and entry.wake_at > self._activation.now
+        ):
+            # Woken for another step's timer: this one's backoff has not elapsed yet. The
+            # activation suspends once its other branches are done, until the earliest due.
+            raise _Suspend()
         attempt = entry.attempts + 1 if entry is not None else 1
         aid = self._activation.activation_id
         with_ctx = _wants_context(callback)
@@ -459,7 +482,15 @@ class Executor:
             self._port.notify(
                 StepStarted(aid, seq, name, count, attempt, retries_sent, config["timeout"])
             )
-            ctx = StepContext(attempt, StepInfo(name, count), config)
+            ctx = (
+                StepContext(
+                    attempt,
+                    StepInfo(name, count),
+                    {"retries": dict(config["retries"]), "timeout": config["timeout"]},
+                )
+                if with_ctx
+                else None
+            )
             self._in_step.active = True
             try:
                 value = callback(ctx) if with_ctx else callback()
@@ -499,8 +530,8 @@ class Executor:
         if entry is not None and entry.status is StepStatus.COMPLETE:
             return
         if entry is not None and entry.status is StepStatus.ERRORED:
-            error = entry.error or ErrorInfo("StepError", "")
-            raise sdk.StepError(error.name, error.message)
+            # the same error the first run raised (a sleep only fails on invalid input)
+            raise InvalidStepError(entry.error.message if entry.error else "invalid sleep")
         aid = self._activation.activation_id
         reply = self._request(SleepRequested(aid, seq, name, count, seconds, target))
         if reply.kind is ReplyKind.RAISE:
@@ -522,6 +553,8 @@ class Executor:
             )
         try:
             seconds = parse_duration(timeout, what="event timeout")
+            if seconds > MAX_SLEEP_SECONDS:
+                raise DurationError("an event wait lasts at most 365 days")
         except DurationError as exc:
             raise InvalidStepError(str(exc)) from None
         if entry is not None and entry.status is StepStatus.COMPLETE:

@@ -135,6 +135,7 @@ class JournalEntry:
     attempts: int = 0
     output: Any = None
     error: ErrorInfo | None = None
+    wake_at: float | None = None  #: when a retrying step's next attempt is due
 
 
 # ---------------------------------------------------------------------------
@@ -152,6 +153,7 @@ class Activate:
     timestamp: float
     journal: tuple[JournalEntry, ...]
     max_steps: int = DEFAULT_MAX_STEPS
+    now: float = 0.0  #: the engine's time at activation: retries due later wait for it
 
 
 @dataclass(frozen=True, slots=True)
@@ -417,8 +419,9 @@ _FIELD_CHECKS: Final[dict[type, tuple[Callable[[Any], Any], ...]]] = {
         _int,
         _any,
         _optional(_error_info),
+        _optional(_number),
     ),
-    Activate: (_int, _str, _str, _any, _number, _journal, _int),
+    Activate: (_int, _str, _str, _any, _number, _journal, _int, _number),
     Reply: (_int, _int, _enum(ReplyKind), _any, _optional(_error_info), _int),
     StepStarted: (_int, _int, _str, _int, _int, _optional(_any_dict), _optional(_number)),
     StepFinished: (_int, _int, _str, _int, _int, _bool, _any, _optional(_error_info)),
