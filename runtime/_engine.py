@@ -141,6 +141,8 @@ class Engine:
         self._activation_ids = itertools.count(1)
         self._dispatch_wakeup = trio.Event()
         self._dispatch_idle = False
+        self._maybe_queued = True  # unknown at start: look once
+        self._queued_epoch = 0
         self._timer_scope: trio.CancelScope | None = None
         self._timer_target: float | None = None
         self._timer_dirty = True
@@ -182,9 +184,17 @@ class Engine:
 
     # ------------------------------------------------------------------ notifications
 
-    def kick_dispatch(self) -> None:
-        """Tell the dispatcher that queued work or a free slot may exist."""
-        self._dispatch_wakeup.set()
+    def kick_dispatch(self, *, queued: bool = True) -> None:
+        """Tell the dispatcher that an instance was queued, or (``queued=False``) a slot freed.
+
+        A freed slot only matters while queued work may be waiting: that saves the
+        dispatcher a database read at the end of every activation.
+        """
+        if queued:
+            self._queued_epoch += 1
+            self._maybe_queued = True
+        if queued or self._maybe_queued:
+            self._dispatch_wakeup.set()
 
     def kick_timers(self, wake_at: float | None = None) -> None:
         """Tell the timer loop a timer changed (earlier than it sleeps for, maybe)."""
@@ -550,7 +560,10 @@ class Engine:
             if free > 0:
                 busy = set(self._sessions) | self._claiming
                 wanted = free + len(busy)
+                epoch = self._queued_epoch
                 keys = await self._read(operator.methodcaller("queued_keys", wanted))
+                if len(keys) < wanted and epoch == self._queued_epoch:
+                    self._maybe_queued = False  # we saw every queued instance
                 for key in keys:
                     if started >= free:
                         break
@@ -590,7 +603,7 @@ class Engine:
             await self._drive(session, record, steps)
         finally:
             del self._sessions[key]
-            self.kick_dispatch()
+            self.kick_dispatch(queued=False)
             self.notify_change(key)
 
     async def _drive(
