@@ -325,6 +325,10 @@ class ActivationDriver:
     async def _record(self, step: StepRecord) -> bool:
         """Make ``step`` durable; True if a pause now waits for this instance."""
         key, token = self._session.key, self._session.token
+        if step.started_at is not None:
+            self._engine.stats.observe_step(
+                self._clock.now() - step.started_at, step.status is StepStatus.COMPLETE
+            )
 
         def unit(txn: StoreTxn) -> bool:
             txn.put_step(key, token, step)

@@ -20,7 +20,7 @@ import operator
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
 import msgpack
@@ -67,11 +67,46 @@ from .errors import (
     TenantNotFound,
 )
 
-__all__ = ["DEFAULT_WORKFLOW", "Engine", "InstanceView", "open_engine"]
+__all__ = [
+    "DEFAULT_WORKFLOW",
+    "LATENCY_BUCKETS",
+    "Engine",
+    "EngineStats",
+    "InstanceView",
+    "open_engine",
+]
 
 T = TypeVar("T")
 DEFAULT_WORKFLOW: Final = "TenantWorkflow"
 _WAKE_BATCH: Final = 500
+
+
+#: Upper bounds (seconds) of the step latency histogram's buckets.
+LATENCY_BUCKETS: Final = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 300.0)
+
+
+@dataclass
+class EngineStats:
+    """Counters for ``/metrics`` (monotonic since the engine started)."""
+
+    steps_completed: int = 0
+    steps_failed: int = 0
+    activations: int = 0
+    step_latency_buckets: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
+    step_latency_sum: float = 0.0
+    step_latency_count: int = 0
+
+    def observe_step(self, seconds: float, ok: bool) -> None:
+        if ok:
+            self.steps_completed += 1
+        else:
+            self.steps_failed += 1
+        self.step_latency_sum += seconds
+        self.step_latency_count += 1
+        for index, bound in enumerate(LATENCY_BUCKETS):
+            if seconds <= bound:
+                self.step_latency_buckets[index] += 1
+                break
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +186,7 @@ class Engine:
         self._logged: dict[int, trio.Event] = {}
         self._nursery: trio.Nursery | None = None
         self.recovered = 0
+        self.stats = EngineStats()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -598,6 +634,7 @@ class Engine:
         )
         self._sessions[key] = session
         self._claiming.discard(key)
+        self.stats.activations += 1
         self.notify_change(key)
         try:
             await self._drive(session, record, steps)
@@ -617,7 +654,14 @@ class Engine:
             timestamp=record.created_at,
             journal=tuple(
                 JournalEntry(
-                    s.seq, s.name, s.count, s.kind, s.status, s.attempts, s.output, s.error,
+                    s.seq,
+                    s.name,
+                    s.count,
+                    s.kind,
+                    s.status,
+                    s.attempts,
+                    s.output,
+                    s.error,
                     s.wake_at,
                 )
                 for s in steps

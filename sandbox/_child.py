@@ -32,10 +32,13 @@ from . import _executor, sdk
 from ._executor import ActivationAborted, Executor
 from ._framing import SyncFrames
 from ._restricted import TenantCompileError, compile_tenant, load_tenant
+from ._stubs import WorkflowsStub, raise_binding_error
 from .protocol import (
     HOST_FRAME_LIMIT,
     Abort,
     Activate,
+    BindingCall,
+    BindingResult,
     Command,
     ErrorInfo,
     Fetch,
@@ -120,10 +123,10 @@ class _Request:
 
 
 class _Env:
-    """The ``env`` tenant code sees (the WORKFLOWS binding stub arrives with the loader)."""
+    """The ``env`` tenant code sees: ``env.WORKFLOWS`` is a stub of RPC calls."""
 
-    def __init__(self) -> None:
-        self.WORKFLOWS: Any = None
+    def __init__(self, workflows: WorkflowsStub) -> None:
+        self.WORKFLOWS = workflows
 
 
 class _Child:
@@ -132,10 +135,33 @@ class _Child:
         self._limits = limits
         self._ports: dict[int, _ChildPort] = {}
         self._namespace: Mapping[str, object] = {}
-        self._env = _Env()
+        self._env = _Env(WorkflowsStub(self.call_binding))
+        self._calls: dict[int, tuple[threading.Event, list[BindingResult]]] = {}
+        self._next_call = 0
+        self._calls_lock = threading.Lock()
 
     def send(self, message: Any) -> None:
         self._frames.send(encode(message))
+
+    def call_binding(self, method: str, args: dict[str, Any]) -> Any:
+        """Call ``env.WORKFLOWS`` on the host and wait for its answer (any thread)."""
+        done = threading.Event()
+        box: list[BindingResult] = []
+        with self._calls_lock:
+            self._next_call += 1
+            call_id = self._next_call
+            self._calls[call_id] = (done, box)
+        try:
+            self.send(BindingCall(call_id, method, args))
+            done.wait()
+        finally:
+            with self._calls_lock:
+                self._calls.pop(call_id, None)
+        result = box[0]
+        if not result.ok:
+            error = result.error or ErrorInfo("BindingError", "the call failed")
+            raise_binding_error(error.code, error.name, error.message)
+        return result.value
 
     # -- limits ---------------------------------------------------------------------
 
@@ -196,6 +222,12 @@ class _Child:
                     port.abort()
             elif isinstance(message, Fetch):
                 self._start(self._fetch, message, name=f"fetch-{message.request_id}")
+            elif isinstance(message, BindingResult):
+                with self._calls_lock:
+                    waiter = self._calls.get(message.call_id)
+                if waiter is not None:
+                    waiter[1].append(message)
+                    waiter[0].set()
 
     def _load(self, message: LoadCode) -> ErrorInfo | None:
         try:

@@ -42,6 +42,8 @@ from .protocol import (
     CHILD_FRAME_LIMIT,
     Abort,
     Activate,
+    BindingCall,
+    BindingResult,
     Command,
     ErrorInfo,
     Fetch,
@@ -69,6 +71,10 @@ _LOAD_TIMEOUT_SECONDS = 30.0
 _PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 
 CodeSource = Callable[[str, str], Awaitable[Mapping[str, str]]]
+#: Serves ``env.WORKFLOWS`` calls: (tenant id, code version, method, args) -> result.
+BindingHandler = Callable[[str, str, str, dict[str, Any]], Awaitable[Any]]
+_MAX_BINDING_CALLS = 64
+_NO_BINDING = ErrorInfo("BindingError", "env.WORKFLOWS is not available here", False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,6 +289,52 @@ class Sandbox:
         self.fault: SandboxFault | None = None
         self.death_reason = ""
         self.exited = trio.Event()
+        self.binding_handler: BindingHandler | None = None
+        self._nursery: trio.Nursery | None = None
+        self._binding_calls = 0
+
+    def _start_binding_call(self, call: BindingCall) -> None:
+        if self.binding_handler is None or self._nursery is None:
+            self._nursery_send(BindingResult(call.call_id, False, None, _NO_BINDING))
+            return
+        if self._binding_calls >= _MAX_BINDING_CALLS:
+            error = ErrorInfo(
+                "RateLimitedError",
+                f"more than {_MAX_BINDING_CALLS} env.WORKFLOWS calls in flight",
+                code="rate_limited",
+            )
+            self._nursery_send(BindingResult(call.call_id, False, None, error))
+            return
+        self._binding_calls += 1
+        self._nursery.start_soon(self._run_binding_call, call)
+
+    def _nursery_send(self, message: Any) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(self._send_quietly, message)
+
+    async def _send_quietly(self, message: Any) -> None:
+        try:
+            await self.send(message)
+        except RunnerError:
+            pass
+
+    async def _run_binding_call(self, call: BindingCall) -> None:
+        assert self.binding_handler is not None
+        try:
+            value = await self.binding_handler(self.key[0], self.key[1], call.method, call.args)
+            result = BindingResult(call.call_id, True, value)
+        except Exception as exc:  # every failure goes back to tenant code as data
+            code = getattr(exc, "code", None)
+            error = ErrorInfo(
+                type(exc).__name__,
+                str(getattr(exc, "message", exc)),
+                False,
+                code=code if isinstance(code, str) else None,
+            )
+            result = BindingResult(call.call_id, False, None, error)
+        finally:
+            self._binding_calls -= 1
+        await self._send_quietly(result)
 
     @property
     def busy(self) -> bool:
@@ -331,7 +383,11 @@ class Sandbox:
                     if waiter is not None:
                         waiter[1].append(message)
                         waiter[0].set()
-                elif isinstance(message, Ready | LoadCode | Activate | Reply | Abort | Fetch):
+                elif isinstance(message, BindingCall):
+                    self._start_binding_call(message)
+                elif isinstance(
+                    message, Ready | LoadCode | Activate | Reply | Abort | Fetch | BindingResult
+                ):
                     raise ProtocolError(f"the child may not send {type(message).__name__}")
                 else:
                     channel = self.activations.get(message.activation_id)
@@ -466,6 +522,7 @@ class SandboxRunner(Runner):
         self._starting: dict[tuple[str, str], trio.Event] = {}
         self._became_idle = trio.Event()
         self.stats = SandboxStats()
+        self.binding_handler: BindingHandler | None = None
 
     def live(self) -> list[Sandbox]:
         """Sandboxes alive now, least recently used first."""
@@ -504,6 +561,8 @@ class SandboxRunner(Runner):
         started = trio.current_time()
         spawned, sock = await self.zygote.spawn(tenant_id, self._settings(tenant_id))
         sandbox = Sandbox(key, spawned, sock, self.zygote)
+        sandbox.binding_handler = self.binding_handler
+        sandbox._nursery = self._nursery
         self._sandboxes[key] = sandbox
         self._nursery.start_soon(self._watch, sandbox)
         try:

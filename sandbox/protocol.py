@@ -46,6 +46,8 @@ __all__ = [
     "TENANT_ID_PATTERN",
     "Abort",
     "Activate",
+    "BindingCall",
+    "BindingResult",
     "Command",
     "ErrorInfo",
     "Fetch",
@@ -322,6 +324,25 @@ class FetchResult:
     error: ErrorInfo | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class BindingCall:
+    """Child -> host: tenant code called ``env.WORKFLOWS.<method>(**args)``."""
+
+    call_id: int
+    method: str
+    args: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class BindingResult:
+    """Host -> child: the result of a binding call, or its error."""
+
+    call_id: int
+    ok: bool
+    value: Any = None
+    error: ErrorInfo | None = None
+
+
 # ---------------------------------------------------------------------------
 # the wire: length-prefixed msgpack frames, decoded strictly
 
@@ -436,6 +457,8 @@ _FIELD_CHECKS: Final[dict[type, tuple[Callable[[Any], Any], ...]]] = {
     SandboxFault: (_str, _str),
     Fetch: (_int, _str, _str, _str_dict, _str_dict, _bytes),
     FetchResult: (_int, _int, _str_dict, _bytes, _optional(_error_info)),
+    BindingCall: (_int, _str, _any_dict),
+    BindingResult: (_int, _bool, _any, _optional(_error_info)),
 }
 _TAGS: Final[dict[type, int]] = {kind: tag for tag, kind in enumerate(_FIELD_CHECKS)}
 _KINDS: Final[dict[int, type]] = {tag: kind for kind, tag in _TAGS.items()}

@@ -1,0 +1,173 @@
+"""The live set of tenants: a folder watched for new tenants and changed code.
+
+Each tenant's current code version (SHA-256 of its files) is stored in the database,
+content-addressed, before anything runs on it, so an instance resumes on the version
+it started with even after the folder changed or vanished, on any supervisor that
+shares the database. A version whose code does not load is remembered with its error
+(file, line, message) and the tenant's earlier version, if any, stays current.
+"""
+
+from __future__ import annotations
+
+import logging
+import tomllib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import trio
+
+from ._directory import TenantCode, read_tenant
+
+__all__ = ["TenantLimits", "TenantRegistry", "TenantState"]
+
+log = logging.getLogger("tenantflow.loader")
+
+_LIMIT_KEYS = {
+    "memory_mb": 512,
+    "cpu_seconds": 30,
+    "open_files": 64,
+    "max_concurrency": 100,
+    "create_rate": 100,
+    "create_burst": 100,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class TenantLimits:
+    """The ``[limits]`` table of ``tenant.toml``, with SPEC 7's defaults."""
+
+    memory_mb: int = 512
+    cpu_seconds: int = 30
+    open_files: int = 64
+    max_concurrency: int = 100
+    create_rate: int = 100
+    create_burst: int = 100
+
+
+@dataclass
+class TenantState:
+    """What the registry knows of one tenant."""
+
+    tenant_id: str
+    version: str | None = None  #: the current (loadable) code version
+    limits: TenantLimits = field(default_factory=TenantLimits)
+    load_error: str | None = None  #: "main.py:3: invalid syntax" for the newest version
+    failed_version: str | None = None
+    present: bool = True  #: its folder exists
+
+
+def parse_limits(files: dict[str, str]) -> TenantLimits:
+    """Read ``tenant.toml``'s ``[limits]``; unknown keys and bad values are errors."""
+    text = files.get("tenant.toml")
+    if text is None:
+        return TenantLimits()
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"tenant.toml: {exc}") from None
+    limits = data.get("limits", {})
+    if not isinstance(limits, dict):
+        raise ValueError("tenant.toml: [limits] must be a table")
+    values: dict[str, int] = {}
+    for key, value in limits.items():
+        if key not in _LIMIT_KEYS:
+            raise ValueError(f"tenant.toml: unknown limit {key!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"tenant.toml: limits.{key} must be a positive integer")
+        values[key] = value
+    return TenantLimits(**values)
+
+
+#: Checks that a code version loads; returns None or the error ("main.py:3: ...").
+Probe = Callable[[TenantCode], Awaitable[str | None]]
+#: Stores a code version in the database.
+Persist = Callable[[str, str, bytes], Awaitable[None]]
+
+
+class TenantRegistry:
+    """Tenants under ``root``; ``refresh()`` picks up new folders and changed files."""
+
+    def __init__(self, root: Path | None, persist: Persist, probe: Probe) -> None:
+        self.root = root
+        self._persist = persist
+        self._probe = probe
+        self.tenants: dict[str, TenantState] = {}
+        self._seen: dict[str, str] = {}  # tenant -> newest version looked at
+
+    def current_version(self, tenant_id: str) -> str | None:
+        state = self.tenants.get(tenant_id)
+        return state.version if state is not None and state.present else None
+
+    def limits(self, tenant_id: str) -> TenantLimits:
+        state = self.tenants.get(tenant_id)
+        return state.limits if state is not None else TenantLimits()
+
+    async def refresh(self) -> list[str]:
+        """Rescan the folder; returns the tenants whose code changed."""
+        if self.root is None or not self.root.is_dir():
+            return []
+        folders = await trio.to_thread.run_sync(self._list_folders)
+        changed: list[str] = []
+        for tenant_id in set(self.tenants) - set(folders):
+            self.tenants[tenant_id].present = False
+        for tenant_id, folder in folders.items():
+            try:
+                code = await trio.to_thread.run_sync(read_tenant, folder)
+            except (OSError, ValueError, UnicodeDecodeError) as exc:
+                self._fail(tenant_id, None, str(exc))
+                continue
+            state = self.tenants.setdefault(tenant_id, TenantState(tenant_id))
+            state.present = True
+            if self._seen.get(tenant_id) == code.version:
+                continue
+            self._seen[tenant_id] = code.version
+            changed.append(tenant_id)
+            await self._adopt(state, code)
+        return changed
+
+    def _list_folders(self) -> dict[str, Path]:
+        assert self.root is not None
+        return {
+            p.name: p
+            for p in sorted(self.root.iterdir())
+            if p.is_dir() and (p / "main.py").is_file()
+        }
+
+    async def _adopt(self, state: TenantState, code: TenantCode) -> None:
+        try:
+            limits = parse_limits(code.files)
+        except ValueError as exc:
+            self._fail(state.tenant_id, code.version, str(exc))
+            return
+        await self._persist(code.tenant_id, code.version, msgpack.packb(code.files))
+        error = await self._probe(code)
+        if error is not None:
+            self._fail(state.tenant_id, code.version, error)
+            return
+        state.version, state.limits = code.version, limits
+        state.load_error = state.failed_version = None
+        log.info("tenant %s: code version %s is live", code.tenant_id, code.version[:12])
+
+    def _fail(self, tenant_id: str, version: str | None, error: str) -> None:
+        state = self.tenants.setdefault(tenant_id, TenantState(tenant_id))
+        state.load_error, state.failed_version = error, version
+        log.warning("tenant.load_failed: tenant %s: %s", tenant_id, error)
+
+    async def watch(self, interval: float = 1.0) -> None:
+        """Rescan every ``interval`` seconds, forever (a task in the supervisor)."""
+        while True:
+            try:
+                await self.refresh()
+            except OSError as exc:
+                log.warning("cannot scan %s: %s", self.root, exc)
+            await trio.sleep(interval)
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [
+            {"tenant": s.tenant_id, "code_version": s.version, "load_error": s.load_error}
+            for s in sorted(self.tenants.values(), key=lambda s: s.tenant_id)
+            if s.present
+        ]
