@@ -355,6 +355,8 @@ class ActivationDriver:
 
         def unit(txn: StoreTxn) -> Reply:
             existing = txn.get_step(key, command.seq)
+            if existing is not None and existing.status is StepStatus.COMPLETE:
+                return Reply(aid, command.seq, ReplyKind.VALUE)  # a timer fired meanwhile
             base = StepRecord(
                 command.seq,
                 command.name,
@@ -405,6 +407,12 @@ class ActivationDriver:
 
         def unit(txn: StoreTxn) -> Reply:
             existing = txn.get_step(key, command.seq)
+            # The journal this activation replays may be older than the database: an
+            # event (or the timeout) may have resolved the wait since. That stays.
+            if existing is not None and existing.status is StepStatus.COMPLETE:
+                return Reply(aid, command.seq, ReplyKind.VALUE, value=existing.output)
+            if existing is not None and existing.status is StepStatus.ERRORED:
+                return Reply(aid, command.seq, ReplyKind.RAISE, error=existing.error)
             step = existing or StepRecord(
                 command.seq,
                 command.name,

@@ -98,11 +98,21 @@ class Mixed(WorkflowEntrypoint):
     Params: ``gate`` (path: add step ``block`` that waits for it), ``loops`` (int),
     ``retry_delay`` (seconds between the failed first attempt of ``retry`` and the
     second), ``sleep`` (seconds), ``events`` (event types: for each, wait for events
-    until one has ``"last": true``, with a step ``got-<type>`` after each).
+    until one has ``"last": true``, with a step ``got-<type>`` after each), ``think``
+    (see ``wait``), ``linger`` (seconds of cleanup whenever run() unwinds).
     The output is ``{"steps": {"<name>#<count>": result}, "events": {type: [seq, ...]}}``.
     """
 
     def run(self, event: Any, step: Any) -> Any:
+        try:
+            return self.body(event, step)
+        except BaseException:
+            # Slow cleanup while run() unwinds (a suspension too): the instance is still
+            # ``running`` although its sleep, wait or retry is already recorded.
+            time.sleep((event.payload or {}).get("linger", 0))
+            raise
+
+    def body(self, event: Any, step: Any) -> Any:
         p = event.payload or {}
         iid = event.instance_id
         steps: dict[str, Any] = {}
@@ -139,15 +149,20 @@ class Mixed(WorkflowEntrypoint):
         for event_type in p.get("events") or []:
             seqs = events[event_type] = []
             while True:
-                got = step.wait_for_event(
-                    f"wait-{event_type}", type=event_type, timeout="10 minutes"
-                )
+                got = wait(step, f"wait-{event_type}", event_type, p)
                 seqs.append(got["payload"]["seq"])
                 do(f"got-{event_type}")
                 if got["payload"].get("last"):
                     break
         do("last")
         return {"steps": steps, "events": events}
+
+
+def wait(step: Any, name: str, event_type: str, p: dict[str, Any]) -> Any:
+    """``step.wait_for_event`` after ``think`` seconds of plain work (so that every replay
+    takes that long to reach the wait)."""
+    time.sleep(p.get("think", 0))
+    return step.wait_for_event(name, type=event_type, timeout="10 minutes")
 
 
 WORKFLOWS = {"mixed": Mixed}

@@ -575,7 +575,7 @@ def test_crash_point_after_sleep_record(harness: Harness) -> None:
 
 def test_sigkill_during_retry_backoff(harness: Harness) -> None:
     proc = harness.start()
-    assert proc.call({"op": "create", "id": "r1", "params": {"retry_delay": 1.0, "loops": 1}})["ok"]
+    assert proc.call({"op": "create", "id": "r1", "params": {"retry_delay": 1.5, "loops": 1}})["ok"]
     assert wait_status(proc, "r1", ["waiting"]) == "waiting"
     kill, _ = harness.killed(proc, by_test=True)
     retry = kill.db["r1"].steps[("retry", 1)]
@@ -749,3 +749,70 @@ def test_many_instances_killed_at_random_moments(harness: Harness) -> None:
     proc = harness.start()
     views = finish(harness, proc, ids)
     harness.verify(ids, views)
+
+
+# ---------------------------------------------------------------------- killed before parking
+# Two instances killed in the window between recording a wait (or a retry) and parking the
+# instance: the database says ``running`` with a ``waiting`` (or ``retrying``) step. The
+# workflow's slow cleanup (``linger``) holds that window open for the test to kill in.
+
+
+def _kill_when(harness: Harness, proc: EngineProc, iid: str, name: str, status: str) -> Kill:
+    """SIGKILL once ``iid`` is ``running`` and its step ``name`` (#1) is ``status``."""
+    deadline = time.monotonic() + 20
+    while True:
+        view = proc.call({"op": "get", "id": iid})
+        steps = [s for s in view["steps"] if (s["name"], s["count"]) == (name, 1)]
+        if view["status"] == "running" and steps and steps[0]["status"] == status:
+            break
+        assert time.monotonic() < deadline, view
+        time.sleep(0.02)
+    kill, _ = harness.killed(proc, by_test=True)
+    assert kill.db[iid].status == "running"
+    assert kill.db[iid].steps[(name, 1)].status == status
+    return kill
+
+
+def test_events_arriving_while_a_recovered_wait_replays(harness: Harness) -> None:
+    """After the restart, events arrive while the replay has not reached the recorded wait
+    yet (it "thinks" for a second first). Each must be delivered once, in order, and the
+    wait's result, once recorded, must not change."""
+    params = {"events": ["a"], "loops": 1, "think": 1.0, "linger": 1.5}
+    proc = harness.start()
+    assert proc.call({"op": "create", "id": "w1", "params": params})["ok"]
+    _kill_when(harness, proc, "w1", "wait-a", "waiting")
+
+    proc = harness.start()
+    assert proc.recovered == 1
+    wait_status(proc, "w1", ["running"])
+    for seq in range(3):
+        payload = {"seq": seq, "last": seq == 2}
+        reply = proc.call({"op": "send_event", "id": "w1", "type": "a", "payload": payload})
+        assert reply["ok"], reply
+        if seq == 0:
+            # The event went straight to the waiting step: that is its recorded result.
+            view = proc.call({"op": "get", "id": "w1"})
+            wait_a = next(s for s in view["steps"] if (s["name"], s["count"]) == ("wait-a", 1))
+            assert (wait_a["status"], wait_a["output"]["payload"]["seq"]) == ("complete", 0)
+    views = finish(harness, proc, ["w1"])
+    harness.verify(["w1"], views)
+    final = harness.read_db()["w1"]
+    assert final.steps[("wait-a", 1)].output["payload"]["seq"] == 0, "recorded result changed"
+    assert final.output["events"] == {"a": [0, 1, 2]}
+
+
+def test_retry_backoff_survives_a_kill_before_the_instance_is_parked(harness: Harness) -> None:
+    proc = harness.start()
+    params = {"retry_delay": 3.0, "loops": 1, "linger": 1.0}
+    assert proc.call({"op": "create", "id": "r2", "params": params})["ok"]
+    kill = _kill_when(harness, proc, "r2", "retry", "retrying")
+    backoff_ends = kill.db["r2"].steps[("retry", 1)].wake_at
+
+    proc = harness.start()
+    assert proc.recovered == 1
+    views = finish(harness, proc, ["r2"])
+    harness.verify(["r2"], views)
+    retry = harness.read_db()["r2"].steps[("retry", 1)]
+    assert retry.attempts == 2
+    # The engine's own timestamps: attempt 2 must not start before its backoff ended.
+    assert retry.started_at >= backoff_ends, (retry.started_at, backoff_ends)
