@@ -336,7 +336,9 @@ class ActivationDriver:
 
         pause = await self._writer.submit(unit)
         self._engine.notify_change(key)
-        return pause
+        # A draining supervisor stops its activations at this boundary too: the instance
+        # goes back to the queue and a restart (or another supervisor) carries it on.
+        return pause or self._engine.draining
 
     # -- step.sleep -------------------------------------------------------------------
 

@@ -187,6 +187,8 @@ class Engine:
         self._nursery: trio.Nursery | None = None
         self.recovered = 0
         self.stats = EngineStats()
+        self.draining = False
+        self._sessions_changed = trio.Event()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -200,6 +202,19 @@ class Engine:
             nursery.start_soon(self._timer_loop)
             nursery.start_soon(self._dispatch_loop)
             task_status.started()
+
+    async def drain(self, grace: float) -> bool:
+        """Start nothing new; let running activations stop at their next step boundary.
+
+        Returns True if every activation stopped within ``grace`` seconds (real time).
+        What a still-running one had recorded is durable either way; its step in
+        flight runs again after the restart (steps are at least once).
+        """
+        self.draining = True
+        with trio.move_on_after(grace):
+            while self._sessions or self._claiming:
+                await self._sessions_changed.wait()
+        return not (self._sessions or self._claiming)
 
     def is_idle(self) -> bool:
         """Nothing runs, nothing is queued or being written: only timers remain."""
@@ -592,7 +607,7 @@ class Engine:
         while True:
             self._dispatch_wakeup = trio.Event()
             started = 0
-            free = self.max_concurrency - self.running_count
+            free = 0 if self.draining else self.max_concurrency - self.running_count
             if free > 0:
                 busy = set(self._sessions) | self._claiming
                 wanted = free + len(busy)
@@ -640,6 +655,8 @@ class Engine:
             await self._drive(session, record, steps)
         finally:
             del self._sessions[key]
+            ended, self._sessions_changed = self._sessions_changed, trio.Event()
+            ended.set()
             self.kick_dispatch(queued=False)
             self.notify_change(key)
 
