@@ -7,7 +7,7 @@ exactly as they do across the process boundary; only the transport differs.
 
 from __future__ import annotations
 
-import math
+import collections
 import threading
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -16,7 +16,7 @@ from typing import Any
 import trio
 
 from sandbox._executor import ActivationAborted, Executor
-from sandbox.protocol import Activate, Command, Reply
+from sandbox.protocol import Activate, Command, Reply, Suspended, WorkflowFinished
 
 from ._runner import ActivationChannel, Runner, RunnerError, RunTarget
 
@@ -25,12 +25,19 @@ __all__ = ["InProcessRunner"]
 WorkflowFactory = Callable[[], Any]
 
 
-class _ThreadPort:
-    """The executor's end: commands go to trio, replies come back per ``seq``."""
+#: How long a one-way command (a step started, a log line) may wait before the engine
+#: sees it. Only commands that need an answer wake the trio thread at once: every wake-up
+#: is a GIL hand-off between threads, the largest cost of an in-process step.
+_POLL_SECONDS = 0.005
 
-    def __init__(self, token: trio.lowlevel.TrioToken, send: trio.MemorySendChannel[Command]):
+
+class _ThreadPort:
+    """The executor's end: commands go into an outbox, replies come back per ``seq``."""
+
+    def __init__(self, token: trio.lowlevel.TrioToken) -> None:
         self._token = token
-        self._send = send
+        self.outbox: collections.deque[Command] = collections.deque()
+        self.arrived = trio.Event()
         self._cond = threading.Condition()
         self._replies: dict[int, Reply] = {}
         self._aborted = False
@@ -38,20 +45,25 @@ class _ThreadPort:
     def notify(self, command: Command) -> None:
         if self._aborted:
             raise ActivationAborted()
+        self.outbox.append(command)
+        if isinstance(command, WorkflowFinished | Suspended):
+            self._wake()
+
+    def _wake(self) -> None:
         try:
-            self._token.run_sync_soon(self._deliver, command)
+            self._token.run_sync_soon(self._set_arrived)
         except trio.RunFinishedError:
             raise ActivationAborted() from None
 
-    def _deliver(self, command: Command) -> None:
-        try:
-            self._send.send_nowait(command)
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass
+    def _set_arrived(self) -> None:
+        self.arrived.set()
 
     def request(self, command: Command) -> Reply:
         seq = getattr(command, "seq", -1)
-        self.notify(command)
+        if self._aborted:
+            raise ActivationAborted()
+        self.outbox.append(command)
+        self._wake()
         with self._cond:
             while seq not in self._replies:
                 if self._aborted:
@@ -71,15 +83,22 @@ class _ThreadPort:
 
 
 class _InProcessChannel(ActivationChannel):
-    def __init__(self, port: _ThreadPort, receive: trio.MemoryReceiveChannel[Command]):
+    def __init__(self, port: _ThreadPort, thread: threading.Thread) -> None:
         self._port = port
-        self._receive = receive
+        self._thread = thread
 
     async def receive(self) -> Command:
-        try:
-            return await self._receive.receive()
-        except trio.EndOfChannel:
-            raise RunnerError("the workflow thread ended without a final command") from None
+        port = self._port
+        while True:
+            if port.outbox:
+                return port.outbox.popleft()
+            if not self._thread.is_alive() and not port.outbox:
+                raise RunnerError("the workflow thread ended without a final command")
+            port.arrived = trio.Event()
+            if port.outbox:  # appended before the new event existed: no wake-up is lost
+                continue
+            with trio.move_on_after(_POLL_SECONDS):
+                await port.arrived.wait()
 
     async def reply(self, reply: Reply) -> None:
         self._port.put_reply(reply)
@@ -109,15 +128,13 @@ class InProcessRunner(Runner):
             raise RunnerError(
                 f"no workflow registered for tenant {target.tenant_id!r}", permanent=True
             )
-        send, receive = trio.open_memory_channel[Command](math.inf)
-        port = _ThreadPort(trio.lowlevel.current_trio_token(), send)
+        port = _ThreadPort(trio.lowlevel.current_trio_token())
         executor = Executor(activation, port, factory)
         thread = threading.Thread(
             target=executor.run, name=f"activation-{activation.instance_id}", daemon=True
         )
         thread.start()
         try:
-            yield _InProcessChannel(port, receive)
+            yield _InProcessChannel(port, thread)
         finally:
             port.abort()
-            receive.close()

@@ -30,7 +30,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -216,7 +216,6 @@ class Kill:
 
     db: dict[str, Instance]
     side_offset: int
-    acked_events: dict[str, set[int]] = field(default_factory=dict)
 
 
 def _token(value: str) -> str:
@@ -409,7 +408,7 @@ def create_all(
     return acked, existing
 
 
-def finish(harness: Harness, proc: EngineProc, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+def finish(proc: EngineProc, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
     """Wait until every instance has finished; return their ``get`` views, then stop."""
     views = {}
     for iid in ids:
@@ -454,7 +453,7 @@ def test_sigkill_mid_step_runs_the_step_again(harness: Harness) -> None:
     )
     assert again.tail == str(proc.pid) != started.tail
     gate.touch()
-    views = finish(harness, proc, ["i1"])
+    views = finish(proc, ["i1"])
     harness.verify(["i1"], views)
     block = harness.read_db()["i1"].steps[("block", 1)].output
     assert block.split(":")[1] == str(proc.pid)  # the run after the restart was recorded
@@ -499,7 +498,7 @@ def test_crash_point_around_a_step_record(harness: Harness, point: str, name: st
     proc = harness.start()
     _, existing = create_all(proc, [i for i in IDS3 if i not in acked], {"loops": 3})
     assert len(existing) <= 1  # only the create in flight at the kill may have committed
-    views = finish(harness, proc, IDS3)
+    views = finish(proc, IDS3)
     harness.verify(IDS3, views)
 
     final = harness.read_db()
@@ -530,7 +529,7 @@ def test_sigkill_during_sleep_past_its_wake_time_fires_late(harness: Harness) ->
         time.sleep(0.05)
 
     proc = harness.start()
-    views = finish(harness, proc, ["s1"])
+    views = finish(proc, ["s1"])
     harness.verify(["s1"], views)
     after = harness.read_db()["s1"].steps
     assert after[("nap", 1)].ended_at >= nap.wake_at
@@ -552,7 +551,7 @@ def test_sigkill_during_sleep_before_its_wake_time_wakes_on_time(harness: Harnes
     answered = time.time()
     if answered < nap.wake_at:
         assert status == "waiting", "woke before its wake-up time"
-    views = finish(harness, proc, ["s2"])
+    views = finish(proc, ["s2"])
     harness.verify(["s2"], views)
     after = harness.read_db()["s2"].steps
     assert after[("nap", 1)].ended_at >= nap.wake_at
@@ -568,7 +567,7 @@ def test_crash_point_after_sleep_record(harness: Harness) -> None:
 
     proc = harness.start()
     assert proc.recovered == 1
-    views = finish(harness, proc, ["s3"])
+    views = finish(proc, ["s3"])
     harness.verify(["s3"], views)
     assert harness.read_db()["s3"].steps[("nap", 1)].ended_at >= nap.wake_at
 
@@ -582,7 +581,7 @@ def test_sigkill_during_retry_backoff(harness: Harness) -> None:
     assert (retry.status, retry.attempts) == ("retrying", 1)
 
     proc = harness.start()
-    views = finish(harness, proc, ["r1"])
+    views = finish(proc, ["r1"])
     harness.verify(["r1"], views)
     later = [r for r in harness.runs(kill.side_offset) if r.step == "retry"]
     assert [(r.kind, r.attempt) for r in later] == [("ran", 2)]
@@ -676,7 +675,7 @@ def test_kill_while_events_arrive(harness: Harness) -> None:
             assert extra in ([], [s for t, s in pending[:1] if t == event_type]), (seed, held)
             resent += [(event_type, s) for s in extra]
 
-    views = finish(harness, proc, ["e1"])
+    views = finish(proc, ["e1"])
     harness.verify(["e1"], views)
     output = harness.read_db()["e1"].output["events"]
     for event_type in ("a", "b"):
@@ -701,7 +700,7 @@ def test_crash_point_before_finish(harness: Harness) -> None:
 
     proc = harness.start()
     create_all(proc, [i for i in ["f1", "f2"] if i not in kill.db], {"loops": 2})
-    views = finish(harness, proc, ["f1", "f2"])
+    views = finish(proc, ["f1", "f2"])
     harness.verify(["f1", "f2"], views)
     assert not [r for r in harness.runs(kill.side_offset) if r.iid == "f1"]
 
@@ -747,7 +746,7 @@ def test_many_instances_killed_at_random_moments(harness: Harness) -> None:
     harness.killed(proc, by_test=True)
 
     proc = harness.start()
-    views = finish(harness, proc, ids)
+    views = finish(proc, ids)
     harness.verify(ids, views)
 
 
@@ -794,7 +793,7 @@ def test_events_arriving_while_a_recovered_wait_replays(harness: Harness) -> Non
             view = proc.call({"op": "get", "id": "w1"})
             wait_a = next(s for s in view["steps"] if (s["name"], s["count"]) == ("wait-a", 1))
             assert (wait_a["status"], wait_a["output"]["payload"]["seq"]) == ("complete", 0)
-    views = finish(harness, proc, ["w1"])
+    views = finish(proc, ["w1"])
     harness.verify(["w1"], views)
     final = harness.read_db()["w1"]
     assert final.steps[("wait-a", 1)].output["payload"]["seq"] == 0, "recorded result changed"
@@ -810,7 +809,7 @@ def test_retry_backoff_survives_a_kill_before_the_instance_is_parked(harness: Ha
 
     proc = harness.start()
     assert proc.recovered == 1
-    views = finish(harness, proc, ["r2"])
+    views = finish(proc, ["r2"])
     harness.verify(["r2"], views)
     retry = harness.read_db()["r2"].steps[("retry", 1)]
     assert retry.attempts == 2

@@ -466,7 +466,12 @@ async def test_get_shows_the_running_attempt(env):
     try:
         await wait_thread_event(started)
         assert await env.engine.status(T, iid) == "running"
-        view = await env.engine.get(T, iid)
+        # "started" reaches the engine a few milliseconds after the callback starts
+        with trio.fail_after(10):
+            view = await env.engine.get(T, iid)
+            while len(view.steps) < 2:
+                await trio.sleep(0.001)
+                view = await env.engine.get(T, iid)
         assert view.record.status == InstanceStatus.RUNNING
         assert [(s.name, s.status) for s in view.steps] == [
             ("first", "complete"),
