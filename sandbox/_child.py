@@ -25,6 +25,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
@@ -36,6 +37,7 @@ from ._stubs import WorkflowsStub, raise_binding_error
 from .protocol import (
     HOST_FRAME_LIMIT,
     Abort,
+    LogLine,
     Activate,
     BindingCall,
     BindingResult,
@@ -57,6 +59,8 @@ __all__ = ["SandboxLimits", "serve"]
 #: Each activation runs on its own thread; a small stack keeps 100 threads well inside
 #: the address-space limit (RLIMIT_AS counts reserved stacks).
 _THREAD_STACK_BYTES = 2 * 1024 * 1024
+#: How long a one-way frame (a step started, a log line) may wait for company.
+_FLUSH_SECONDS = 0.005
 _RECURSION_LIMIT = 400
 
 
@@ -83,7 +87,11 @@ class _ChildPort:
             raise ActivationAborted()
         if isinstance(command, StepStarted):
             self._child.start_cpu_budget()
-        self._child.send(command)
+            self._child.send_later(command)
+        elif isinstance(command, LogLine):
+            self._child.send_later(command)
+        else:
+            self._child.send(command)
 
     def request(self, command: Command) -> Reply:
         seq = getattr(command, "seq", -1)
@@ -139,9 +147,39 @@ class _Child:
         self._calls: dict[int, tuple[threading.Event, list[BindingResult]]] = {}
         self._next_call = 0
         self._calls_lock = threading.Lock()
+        self._outbox: list[bytes] = []
+        self._outbox_lock = threading.Lock()
+        self._flush_wanted = threading.Event()
 
     def send(self, message: Any) -> None:
-        self._frames.send(encode(message))
+        """Send now, after whatever one-way frames are waiting (order is kept)."""
+        body = encode(message)
+        with self._outbox_lock:
+            pending, self._outbox = self._outbox, []
+            pending.append(body)
+            self._frames.send_many(pending)
+
+    def send_later(self, message: Any) -> None:
+        """Queue a one-way frame: it leaves with the next send, or within a few ms.
+
+        A step's "started" and its "finished" then usually share one write, and the
+        supervisor wakes once per step instead of twice.
+        """
+        body = encode(message)
+        with self._outbox_lock:
+            self._outbox.append(body)
+            if len(self._outbox) == 1:
+                self._flush_wanted.set()
+
+    def _flush_outbox(self) -> None:
+        while True:
+            self._flush_wanted.wait()
+            time.sleep(_FLUSH_SECONDS)
+            with self._outbox_lock:
+                self._flush_wanted.clear()
+                pending, self._outbox = self._outbox, []
+                if pending:
+                    self._frames.send_many(pending)
 
     def call_binding(self, method: str, args: dict[str, Any]) -> Any:
         """Call ``env.WORKFLOWS`` on the host and wait for its answer (any thread)."""
@@ -194,6 +232,7 @@ class _Child:
     def serve(self, missing: dict[str, str]) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGXCPU})
         self._start(self._watch_cpu_limit, name="cpu-limit")
+        self._start(self._flush_outbox, name="outbox")
         _executor.LIMIT_MESSAGES[MemoryError] = (
             f"memory limit {self._limits.memory_mb} MiB exceeded"
         )

@@ -34,6 +34,12 @@ class SyncFrames:
         with self._send_lock:
             self._sock.sendall(_HEADER.pack(len(body)) + body)
 
+    def send_many(self, bodies: list[bytes]) -> None:
+        """Several frames in one write (one wake-up of the reader for all of them)."""
+        data = b"".join(_HEADER.pack(len(body)) + body for body in bodies)
+        with self._send_lock:
+            self._sock.sendall(data)
+
     def _read_exact(self, size: int) -> bytes:
         chunks = bytearray()
         while len(chunks) < size:
