@@ -288,6 +288,10 @@ class _Child:
         threading.Thread(target=target, args=args, name=name, daemon=True).start()
 
     def _activate(self, message: Activate) -> None:
+        # The print allowance (policy.max_print_bytes) is per activation.
+        reset = getattr(self._namespace, "reset_print_budget", None)
+        if callable(reset):
+            reset()
         port = _ChildPort(self, message.activation_id)
         self._ports[message.activation_id] = port
         workflow = self._namespace.get("TenantWorkflow")
