@@ -37,7 +37,6 @@ from ._stubs import WorkflowsStub, raise_binding_error
 from .protocol import (
     HOST_FRAME_LIMIT,
     Abort,
-    LogLine,
     Activate,
     BindingCall,
     BindingResult,
@@ -46,6 +45,7 @@ from .protocol import (
     Fetch,
     FetchResult,
     LoadCode,
+    LogLine,
     Ready,
     Reply,
     SandboxFault,

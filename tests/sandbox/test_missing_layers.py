@@ -18,7 +18,7 @@ from sandbox.protocol import HOST_FRAME_LIMIT, LoadCode, Ready, decode, encode
 
 async def _load_with_fake_child(missing: dict[str, str]) -> None:
     ours, theirs = socket.socketpair()
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # noqa: ASYNC220
     spawned = _Spawned(sleeper.pid, os.pidfd_open(sleeper.pid))
     try:
         sandbox = Sandbox(("t", "v"), spawned, ours, None)  # type: ignore[arg-type]
