@@ -113,19 +113,23 @@ class TenantRegistry:
         changed: list[str] = []
         for tenant_id in set(self.tenants) - set(folders):
             self.tenants[tenant_id].present = False
+        for tenant_id in set(self.tenants) & set(folders):
+            self.tenants[tenant_id].present = True
         for tenant_id, folder in folders.items():
             try:
                 code = await trio.to_thread.run_sync(read_tenant, folder)
             except (OSError, ValueError, UnicodeDecodeError) as exc:
                 self._fail(tenant_id, None, str(exc))
                 continue
-            state = self.tenants.setdefault(tenant_id, TenantState(tenant_id))
-            state.present = True
             if self._seen.get(tenant_id) == code.version:
                 continue
             self._seen[tenant_id] = code.version
             changed.append(tenant_id)
+            # A new tenant becomes visible only once its first version is checked.
+            state = self.tenants.get(tenant_id) or TenantState(tenant_id)
             await self._adopt(state, code)
+            state.present = True
+            self.tenants.setdefault(tenant_id, state)
         return changed
 
     def _list_folders(self) -> dict[str, Path]:

@@ -22,8 +22,6 @@ import trio
 from sandbox._durations import MAX_SLEEP_SECONDS
 from sandbox._retry import RetryPolicy, RetryPolicyError, merge_retry_policy
 from sandbox.protocol import (
-    EVENT_TYPE_PATTERN,
-    MAX_ID_LENGTH,
     MAX_PAYLOAD_BYTES,
     MAX_STEP_NAME_LENGTH,
     Command,
@@ -39,6 +37,7 @@ from sandbox.protocol import (
     Suspended,
     WaitRequested,
     WorkflowFinished,
+    is_valid_id,
 )
 
 from ._faults import crash_point
@@ -396,11 +395,7 @@ class ActivationDriver:
 
     async def _wait(self, command: WaitRequested) -> Reply:
         aid, key, token = self._session.activation_id, self._session.key, self._session.token
-        if (
-            not isinstance(command.event_type, str)
-            or len(command.event_type) > MAX_ID_LENGTH
-            or not EVENT_TYPE_PATTERN.fullmatch(command.event_type)
-        ):
+        if not is_valid_id(command.event_type):
             raise ProtocolViolation("invalid event type")
         timeout = command.timeout
         if not isinstance(timeout, int | float) or not 0 <= timeout <= MAX_SLEEP_SECONDS:

@@ -28,8 +28,6 @@ import trio
 
 from sandbox.protocol import (
     DEFAULT_MAX_STEPS,
-    EVENT_TYPE_PATTERN,
-    INSTANCE_ID_PATTERN,
     MAX_ID_LENGTH,
     MAX_PAYLOAD_BYTES,
     TENANT_ID_PATTERN,
@@ -39,6 +37,7 @@ from sandbox.protocol import (
     StepKind,
     StepStatus,
     WorkflowFinished,
+    is_valid_id,
 )
 
 from ._activation import ActivationDriver, Session, _with
@@ -126,11 +125,7 @@ def check_tenant_id(tenant_id: object) -> str:
 
 def check_instance_id(instance_id: object) -> str:
     """Return ``instance_id`` if it matches SPEC 4's rule, else raise InvalidInstanceId."""
-    if (
-        not isinstance(instance_id, str)
-        or len(instance_id) > MAX_ID_LENGTH
-        or not INSTANCE_ID_PATTERN.fullmatch(instance_id)
-    ):
+    if not is_valid_id(instance_id):
         raise InvalidInstanceId(
             f"invalid instance id {instance_id!r:.120}: at most {MAX_ID_LENGTH} characters of "
             "letters, digits, '_' and '-', not starting with '-'"
@@ -499,11 +494,7 @@ class Engine:
         self, tenant_id: str, instance_id: str, event_type: str, payload: Any = None
     ) -> None:
         """Deliver an event: to the step waiting for its type, or into the FIFO buffer."""
-        if (
-            not isinstance(event_type, str)
-            or len(event_type) > MAX_ID_LENGTH
-            or not EVENT_TYPE_PATTERN.fullmatch(event_type)
-        ):
+        if not is_valid_id(event_type):
             raise InvalidEventType(
                 f"invalid event type {event_type!r:.120}: at most {MAX_ID_LENGTH} characters "
                 "of letters, digits, '_' and '-', not starting with '-'"

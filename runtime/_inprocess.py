@@ -15,7 +15,7 @@ from typing import Any
 
 import trio
 
-from sandbox._executor import ActivationAborted, Executor
+from sandbox._executor import ActivationAborted, Executor, ReplyMailbox
 from sandbox.protocol import Activate, Command, Reply, Suspended, WorkflowFinished
 
 from ._runner import ActivationChannel, Runner, RunnerError, RunTarget
@@ -31,23 +31,26 @@ WorkflowFactory = Callable[[], Any]
 _POLL_SECONDS = 0.005
 
 
-class _ThreadPort:
+class _ThreadPort(ReplyMailbox):
     """The executor's end: commands go into an outbox, replies come back per ``seq``."""
 
     def __init__(self, token: trio.lowlevel.TrioToken) -> None:
+        super().__init__()
         self._token = token
         self.outbox: collections.deque[Command] = collections.deque()
         self.arrived = trio.Event()
-        self._cond = threading.Condition()
-        self._replies: dict[int, Reply] = {}
-        self._aborted = False
 
     def notify(self, command: Command) -> None:
-        if self._aborted:
-            raise ActivationAborted()
+        self.check_open()
         self.outbox.append(command)
         if isinstance(command, WorkflowFinished | Suspended):
             self._wake()
+
+    def request(self, command: Command) -> Reply:
+        self.check_open()
+        self.outbox.append(command)
+        self._wake()
+        return self.wait_reply(getattr(command, "seq", -1))
 
     def _wake(self) -> None:
         try:
@@ -57,29 +60,6 @@ class _ThreadPort:
 
     def _set_arrived(self) -> None:
         self.arrived.set()
-
-    def request(self, command: Command) -> Reply:
-        seq = getattr(command, "seq", -1)
-        if self._aborted:
-            raise ActivationAborted()
-        self.outbox.append(command)
-        self._wake()
-        with self._cond:
-            while seq not in self._replies:
-                if self._aborted:
-                    raise ActivationAborted()
-                self._cond.wait()
-            return self._replies.pop(seq)
-
-    def put_reply(self, reply: Reply) -> None:
-        with self._cond:
-            self._replies[reply.seq] = reply
-            self._cond.notify_all()
-
-    def abort(self) -> None:
-        with self._cond:
-            self._aborted = True
-            self._cond.notify_all()
 
 
 class _InProcessChannel(ActivationChannel):

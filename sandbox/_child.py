@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
 from . import _executor, sdk
-from ._executor import ActivationAborted, Executor
+from ._executor import Executor, ReplyMailbox
 from ._framing import SyncFrames
 from ._restricted import TenantCompileError, compile_tenant, load_tenant
 from ._stubs import WorkflowsStub, raise_binding_error
@@ -72,19 +72,15 @@ class SandboxLimits:
         self.cpu_seconds = cpu_seconds
 
 
-class _ChildPort:
+class _ChildPort(ReplyMailbox):
     """An activation's end inside the sandbox: frames out, replies routed back by ``seq``."""
 
-    def __init__(self, child: _Child, activation_id: int) -> None:
+    def __init__(self, child: _Child) -> None:
+        super().__init__()
         self._child = child
-        self._aid = activation_id
-        self._cond = threading.Condition()
-        self._replies: dict[int, Reply] = {}
-        self._aborted = False
 
     def notify(self, command: Command) -> None:
-        if self._aborted:
-            raise ActivationAborted()
+        self.check_open()
         if isinstance(command, StepStarted):
             self._child.start_cpu_budget()
             self._child.send_later(command)
@@ -94,24 +90,8 @@ class _ChildPort:
             self._child.send(command)
 
     def request(self, command: Command) -> Reply:
-        seq = getattr(command, "seq", -1)
         self.notify(command)
-        with self._cond:
-            while seq not in self._replies:
-                if self._aborted:
-                    raise ActivationAborted()
-                self._cond.wait()
-            return self._replies.pop(seq)
-
-    def put_reply(self, reply: Reply) -> None:
-        with self._cond:
-            self._replies[reply.seq] = reply
-            self._cond.notify_all()
-
-    def abort(self) -> None:
-        with self._cond:
-            self._aborted = True
-            self._cond.notify_all()
+        return self.wait_reply(getattr(command, "seq", -1))
 
 
 class _Request:
@@ -292,7 +272,7 @@ class _Child:
         reset = getattr(self._namespace, "reset_print_budget", None)
         if callable(reset):
             reset()
-        port = _ChildPort(self, message.activation_id)
+        port = _ChildPort(self)
         self._ports[message.activation_id] = port
         workflow = self._namespace.get("TenantWorkflow")
 

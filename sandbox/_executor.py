@@ -29,7 +29,6 @@ from . import sdk
 from ._durations import MAX_SLEEP_SECONDS, DurationError, parse_duration, to_epoch
 from ._retry import DEFAULT_TIMEOUT_SECONDS, RetryPolicy, merge_retry_policy, parse_timeout
 from .protocol import (
-    EVENT_TYPE_PATTERN,
     MAX_ID_LENGTH,
     MAX_LOG_LINE_BYTES,
     MAX_PAYLOAD_BYTES,
@@ -49,6 +48,7 @@ from .protocol import (
     Suspended,
     WaitRequested,
     WorkflowFinished,
+    is_valid_id,
 )
 
 __all__ = [
@@ -57,6 +57,7 @@ __all__ = [
     "Executor",
     "HostPort",
     "NondeterminismError",
+    "ReplyMailbox",
     "check_payload",
 ]
 
@@ -70,6 +71,41 @@ class HostPort(Protocol):
     def request(self, command: Command) -> Reply:
         """Send a command and block until the host's reply (raises ActivationAborted)."""
         ...
+
+
+class ReplyMailbox:
+    """Where replies to an activation's requests wait for the threads that asked.
+
+    Both ports (the sandbox child's and the in-process runner's) build on it: a thread
+    sends a command, then blocks in ``wait_reply(seq)`` until the host's reply for that
+    ``seq`` is put here, or the activation is aborted.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._replies: dict[int, Reply] = {}
+        self.aborted = False
+
+    def check_open(self) -> None:
+        if self.aborted:
+            raise ActivationAborted()
+
+    def wait_reply(self, seq: int) -> Reply:
+        with self._cond:
+            while seq not in self._replies:
+                self.check_open()
+                self._cond.wait()
+            return self._replies.pop(seq)
+
+    def put_reply(self, reply: Reply) -> None:
+        with self._cond:
+            self._replies[reply.seq] = reply
+            self._cond.notify_all()
+
+    def abort(self) -> None:
+        with self._cond:
+            self.aborted = True
+            self._cond.notify_all()
 
 
 class ActivationAborted(BaseException):
@@ -542,11 +578,7 @@ class Executor:
 
     def wait_for_event(self, name: object, event_type: object, timeout: object) -> Any:
         seq, name, count, entry = self._next_call(name, StepKind.WAIT_FOR_EVENT)
-        if (
-            not isinstance(event_type, str)
-            or len(event_type) > MAX_ID_LENGTH
-            or not EVENT_TYPE_PATTERN.fullmatch(event_type)
-        ):
+        if not is_valid_id(event_type):
             raise InvalidStepError(
                 f"invalid event type {event_type!r}: at most {MAX_ID_LENGTH} characters of "
                 "letters, digits, '_' and '-', not starting with '-'"

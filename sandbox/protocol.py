@@ -29,7 +29,7 @@ import enum
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any, Final
+from typing import Any, Final, TypeGuard
 
 import msgpack
 
@@ -70,6 +70,7 @@ __all__ = [
     "WorkflowFinished",
     "decode",
     "encode",
+    "is_valid_id",
 ]
 
 # Limits of SPEC section 4. They are part of the contract on both sides of the boundary:
@@ -83,6 +84,15 @@ MAX_STEP_NAME_LENGTH: Final = 256
 MAX_PAYLOAD_BYTES: Final = 1024 * 1024
 DEFAULT_MAX_STEPS: Final = 10_000
 MAX_LOG_LINE_BYTES: Final = 8 * 1024
+
+
+def is_valid_id(value: object) -> TypeGuard[str]:
+    """Whether ``value`` is a valid instance id or event type (SPEC 4's rule)."""
+    return (
+        isinstance(value, str)
+        and len(value) <= MAX_ID_LENGTH
+        and INSTANCE_ID_PATTERN.fullmatch(value) is not None
+    )
 
 
 class StepKind(str, enum.Enum):
