@@ -452,8 +452,10 @@ class ActivationDriver:
             level, message = "warning", "log limit reached: later lines are dropped"
         line = (self._clock.now(), level, message)
         key = session.key
-        self._writer.submit_nowait(lambda txn: txn.append_logs(key, [line]))
-        self._engine.notify_log(key)
+        # Followers are told only once the line is durable, so what they read is there.
+        self._writer.submit_nowait(
+            lambda txn: txn.append_logs(key, [line]), lambda: self._engine.notify_log(key)
+        )
 
     # -- the end of an activation ---------------------------------------------------------
 

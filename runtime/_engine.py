@@ -725,6 +725,7 @@ class Engine:
             txn.append_logs(key, [(now, "error", message)])
 
         await self.writer.submit(unit)
+        self.notify_log(key)
         self.kick_timers(wake)
 
     # ------------------------------------------------------------------ timers

@@ -101,10 +101,12 @@ class TenantflowApp:
             raise ValueError("max_body_bytes must not be negative")
         if heartbeat_interval <= 0:
             raise ValueError("heartbeat_interval must be positive")
+        if admin_token is not None and not admin_token.strip():
+            raise ValueError("admin_token is empty: pass None to leave the admin API open")
         self.supervisor = supervisor
         self.max_body_bytes = max_body_bytes
         self.heartbeat_interval = heartbeat_interval
-        self._token = admin_token.encode() if admin_token else None
+        self._token = admin_token.encode() if admin_token is not None else None
         table: list[tuple[str, str, _Handler]] = [
             ("GET", "/healthz", self._healthz),
             ("GET", "/metrics", self._metrics),
@@ -141,7 +143,7 @@ class TenantflowApp:
                 log.exception("%s %s failed", request.method, request.path)
             if reply.started:
                 return  # the status line has gone out: nothing more to say
-            await reply.error(exc)
+            await reply.error(exc, close=request.abandoned)
 
     async def _dispatch(self, request: HttpRequest, reply: Responder) -> None:
         path = request.path

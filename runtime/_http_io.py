@@ -18,14 +18,17 @@ from ._runner import RunnerError
 from .errors import BadRequest, PayloadTooLarge, RateLimited, TenantflowError
 
 __all__ = [
+    "ClientDisconnected",
     "HttpRequest",
     "Message",
     "Receive",
     "Responder",
     "Scope",
     "Send",
+    "describe_error",
     "error_body",
     "json_bytes",
+    "tenant_headers",
 ]
 
 Message = dict[str, Any]
@@ -85,6 +88,8 @@ class HttpRequest:
         self.headers = headers
         self._receive = receive
         self._max_body = max_body_bytes
+        #: The body was refused part-way: the connection cannot carry another request.
+        self.abandoned = False
 
     async def body(self) -> bytes:
         """The whole body, or PayloadTooLarge as soon as it is known to exceed the limit."""
@@ -124,6 +129,7 @@ class HttpRequest:
             pass
 
     def _too_large(self, size: str) -> PayloadTooLarge:
+        self.abandoned = True
         return PayloadTooLarge(
             f"request body is {size}, more than the limit of {self._max_body} bytes"
         )
@@ -166,9 +172,15 @@ class Responder:
     async def json(self, status: int, value: Any, headers: Iterable[tuple[str, str]] = ()) -> None:
         await self.respond(status, json_bytes(value), JSON_TYPE, headers)
 
-    async def error(self, exc: BaseException) -> None:
-        """The response for ``exc``: its own status and code when it has them, else 500."""
+    async def error(self, exc: BaseException, *, close: bool = False) -> None:
+        """The response for ``exc``: its own status and code when it has them, else 500.
+
+        ``close`` asks the server to close the connection after it (the rest of the
+        request body was never read).
+        """
         status, body, headers = describe_error(exc)
+        if close:
+            headers.append(("connection", "close"))
         await self.json(status, body, headers)
 
 
@@ -178,8 +190,6 @@ def describe_error(exc: BaseException) -> tuple[int, dict[str, Any], list[tuple[
     if isinstance(exc, TenantflowError):
         if isinstance(exc, RateLimited):
             headers.append(("retry-after", str(max(1, math.ceil(exc.retry_after)))))
-        if isinstance(exc, PayloadTooLarge):
-            headers.append(("connection", "close"))  # the rest of the body is not read
         return exc.http_status, exc.to_dict(), headers
     if isinstance(exc, RunnerError):
         return 502, error_body("sandbox.error", str(exc)), headers

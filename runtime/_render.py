@@ -7,12 +7,14 @@ except `Checklist`, which writes to the stream it is given.
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final, TextIO
 
 __all__ = [
     "Checklist",
     "compact",
+    "error_text",
     "instance_lines",
     "instances_table",
     "step_key",
@@ -188,7 +190,9 @@ class Checklist:
 
     def _lines(self) -> list[str]:
         width = max((len(_label(s)) for s in self.steps.values()), default=0)
-        return [step_line(s, width) for s in self.steps.values()]
+        # A line that wraps would take two rows and spoil the count the redraw moves up by.
+        columns = max(20, shutil.get_terminal_size().columns - 1)
+        return [compact(step_line(s, width), columns) for s in self.steps.values()]
 
     def _write(self, lines: list[str]) -> None:
         self.out.write("".join(line + "\n" for line in lines))

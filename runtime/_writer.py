@@ -39,7 +39,7 @@ class GroupCommitWriter:
 
     def __init__(self, store: Store) -> None:
         self._store = store
-        self._queue: list[tuple[Unit, _Slot | None]] = []
+        self._queue: list[tuple[Unit, _Slot | Callable[[], None] | None]] = []
         self._wakeup = trio.Event()
         self._committing = False
         self.commits = 0
@@ -61,9 +61,12 @@ class GroupCommitWriter:
         value: T = slot.outcome.value
         return value
 
-    def submit_nowait(self, unit: Unit) -> None:
-        """Queue ``unit`` without waiting for its commit (ordered with every other unit)."""
-        self._queue.append((unit, None))
+    def submit_nowait(self, unit: Unit, on_commit: Callable[[], None] | None = None) -> None:
+        """Queue ``unit`` without waiting for its commit (ordered with every other unit).
+
+        ``on_commit`` runs (in the writer task) once the unit is durable.
+        """
+        self._queue.append((unit, on_commit))
         self._wakeup.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -88,9 +91,11 @@ class GroupCommitWriter:
                 self.commits += 1
                 self.units += len(batch)
                 for (_, slot), outcome in zip(batch, outcomes, strict=True):
-                    if slot is not None:
+                    if isinstance(slot, _Slot):
                         slot.outcome = outcome
                         slot.done.set()
+                    elif slot is not None and outcome.error is None:
+                        slot()
         finally:
             thread.stop()
 

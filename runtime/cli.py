@@ -3,7 +3,7 @@
 ::
 
     tenantflow serve     ──▶ open_supervisor + serve_http under trio.run, until SIGINT/SIGTERM
-    tenantflow check DIR ──▶ read_tenant + parse_limits + compile_tenant, in this process
+    tenantflow check DIR ──▶ read_tenant + parse_limits + compile_tenant + imports, here
     tenantflow trigger / instances / send-event / tenants
                          ──HTTP (runtime._client)──▶ a running supervisor's admin API
 
@@ -23,13 +23,16 @@ import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeVar
 
 import click
 import trio
 
 from ._client import DEFAULT_URL, Client, ClientError, ServerEvent
 from ._render import Checklist, compact, error_text, instance_lines, instances_table, tenants_table
+
+if TYPE_CHECKING:
+    from ._supervisor import Supervisor, SupervisorConfig
 
 __all__ = ["cli", "main"]
 
@@ -80,7 +83,7 @@ def main() -> None:
 # ---------------------------------------------------------------------------------- serve
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ServeOptions:
     """What ``tenantflow serve`` runs with, beyond the supervisor's own config."""
 
@@ -88,6 +91,7 @@ class ServeOptions:
     port: int
     admin_token: str | None
     grace: float
+    started: bool = False  #: the HTTP server is up (failures from now on are not startup's)
 
 
 def is_loopback(host: str) -> bool:
@@ -226,13 +230,19 @@ def serve(
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    options = ServeOptions(host, port, admin_token, grace)
     try:
-        trio.run(_serve, config, ServeOptions(host, port, admin_token, grace))
-    except (OSError, BaseExceptionGroup) as exc:
+        trio.run(_serve, config, options)
+    except (Exception, BaseExceptionGroup) as exc:
+        # A failure to start (database URL, port in use) is the operator's to fix: one
+        # line. A failure while serving is a bug: its traceback.
         inner = _single(exc)
-        if not isinstance(inner, OSError):
+        if options.started or not isinstance(inner, Exception):
             raise
-        click.echo(f"error: cannot serve on {host}:{port}: {inner}", err=True)
+        if isinstance(inner, OSError) and inner.errno is not None:
+            click.echo(f"error: cannot serve on {host}:{port}: {inner}", err=True)
+        else:
+            click.echo(f"error: cannot start: {type(inner).__name__}: {inner}", err=True)
         sys.exit(1)
 
 
@@ -248,7 +258,7 @@ def _say(text: str) -> None:
     sys.stdout.flush()
 
 
-async def _serve(config: Any, options: ServeOptions) -> None:
+async def _serve(config: SupervisorConfig, options: ServeOptions) -> None:
     """Serve until a signal; then stop in order (HTTP, dispatching, running work, rest)."""
     from ._http import serve_http
     from ._supervisor import open_supervisor
@@ -271,16 +281,15 @@ async def _serve(config: Any, options: ServeOptions) -> None:
 
             if not stop.is_set():
                 port = await nursery.start(run_http)
+                options.started = True
                 _banner(supervisor, options, port)
                 await stop.wait()
-            _say(f"stopping: no new requests; up to {options.grace:g} s for running instances")
+            _say(
+                f"stopping: no new requests or instances; up to {options.grace:g} s for "
+                "running instances to reach a step boundary"
+            )
             http_scope.cancel()
-            _stop_dispatching(supervisor.engine)
-            with trio.move_on_after(options.grace) as grace_scope:
-                # The engine has no "nothing running" event to wait on; its count is cheap.
-                while supervisor.engine.running_count > 0:  # noqa: ASYNC110
-                    await trio.sleep(0.05)
-            if grace_scope.cancelled_caught:
+            if not await supervisor.engine.drain(options.grace):
                 _say(
                     f"grace period over: {supervisor.engine.running_count} instance(s) "
                     "stopped mid-step; their unfinished steps run again on the next start"
@@ -288,13 +297,6 @@ async def _serve(config: Any, options: ServeOptions) -> None:
             nursery.cancel_scope.cancel()
         outer.cancel_scope.cancel()
     _say("stopped: sandboxes stopped, database closed")
-
-
-def _stop_dispatching(engine: Any) -> None:
-    """Start no new activations; queued and woken instances stay queued in the database."""
-    # No engine method does this yet: with no free slot, the dispatcher starts nothing,
-    # and whatever it would have run is picked up by the next supervisor start.
-    engine.max_concurrency = 0
 
 
 async def _watch_signals(
@@ -317,7 +319,7 @@ async def _watch_signals(
                 return
 
 
-def _banner(supervisor: Any, options: ServeOptions, port: int) -> None:
+def _banner(supervisor: Supervisor, options: ServeOptions, port: int) -> None:
     url = client_url(options.host, port)
     config = supervisor.config
     _say(f"tenantflow: serving on {url}  (listening on {options.host}:{port})")
@@ -369,11 +371,44 @@ def check_tenant(folder: Path) -> tuple[str | None, str | None]:
         code = read_tenant(folder)
         parse_limits(code.files)
         compile_tenant(code.files)
+        error = first_bad_import(code.files)
     except TenantCompileError as exc:
         return None, str(exc)
     except (OSError, ValueError) as exc:  # unreadable, not UTF-8, too big, bad tenant.toml
         return None, str(exc)
-    return code.version, None
+    return (None, error) if error else (code.version, None)
+
+
+def first_bad_import(files: dict[str, str]) -> str | None:
+    """The first import the sandbox would refuse, as ``file:line: ImportError: ...``.
+
+    The sandbox checks imports when it runs them; reading the import statements finds
+    the usual mistake (``import time``) without running any tenant code here.
+    """
+    import ast
+
+    from sandbox._policy import DEFAULT_POLICY
+    from sandbox._restricted import SDK_MODULE
+
+    allowed = {SDK_MODULE, *DEFAULT_POLICY.allowed_modules}
+    allowed.update(name.removesuffix(".py") for name in files if name.endswith(".py"))
+    for filename in sorted(f for f in files if f.endswith(".py")):
+        for node in ast.walk(ast.parse(files[filename], filename)):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                return (
+                    f"{filename}:{node.lineno}: ImportError: relative imports are not allowed "
+                    "in tenant code; import sibling modules by name"
+                )
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for name in names:
+                if name not in allowed:
+                    return (
+                        f"{filename}:{getattr(node, 'lineno', '?')}: ImportError: "
+                        f"module {name!r} is not allowed in tenant code"
+                    )
+    return None
 
 
 @cli.command()

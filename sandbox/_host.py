@@ -564,12 +564,18 @@ class SandboxRunner(Runner):
         sandbox.binding_handler = self.binding_handler
         sandbox._nursery = self._nursery
         self._sandboxes[key] = sandbox
-        self._nursery.start_soon(self._watch, sandbox)
         try:
             await sandbox.load(tenant_id, code_version, files)
         except BaseException:
+            # Reaped here, not by a watcher started earlier: a child that fails to load
+            # replies and exits at once, and a watcher would close the channel before
+            # its reply (the compile error) was read.
             self._forget(sandbox)
+            sandbox.kill("did not load")
+            with trio.CancelScope(shield=True):
+                await sandbox.watch()
             raise
+        self._nursery.start_soon(self._watch, sandbox)
         self.stats.cold_starts += 1
         self.stats.spawn_seconds.append(trio.current_time() - started)
         del self.stats.spawn_seconds[:-1000]
