@@ -8,6 +8,8 @@ over, so step timeouts only fire when a test moves the clock itself.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import trio
 import trio.testing
 
@@ -17,11 +19,21 @@ from ._engine import Engine
 __all__ = ["autojump"]
 
 
-async def autojump(engine: Engine, clock: MockClock, *, poll: float = 0.001) -> None:
-    """Run forever (in a nursery): jump ``clock`` to the next timer whenever ``engine`` idles."""
+async def autojump(
+    engine: Engine,
+    clock: MockClock,
+    *,
+    poll: float = 0.001,
+    enabled: Callable[[], bool] = lambda: True,
+) -> None:
+    """Run forever (in a nursery): jump ``clock`` to the next timer whenever ``engine`` idles.
+
+    ``enabled`` lets a test hold time still, e.g. while a "human" has yet to send the
+    event a workflow waits for (else its timeout would be skipped to at once).
+    """
     while True:
         await trio.testing.wait_all_tasks_blocked(cushion=poll)
-        if engine.is_idle():
+        if enabled() and engine.is_idle():
             deadline = clock.next_deadline()
             if deadline is not None:
                 clock.set_time(deadline)
