@@ -109,6 +109,14 @@ class StoreTxn(ABC):
         """Queued instances in dispatch order: woken before new, then oldest first."""
 
     @abstractmethod
+    def queued_for_tenant(self, tenant_id: str, limit: int) -> list[tuple[int, int]]:
+        """One tenant's queued instances as ``(key, priority)``, woken first, then oldest."""
+
+    @abstractmethod
+    def queued_tenants(self, limit: int) -> list[str]:
+        """Tenants that have queued instances (used at start and as a safety net)."""
+
+    @abstractmethod
     def due_keys(self, now: float, limit: int) -> list[int]:
         """``waiting`` instances whose earliest timer is due."""
 

@@ -58,6 +58,8 @@ CREATE INDEX IF NOT EXISTS instances_queued ON instances (priority, ready_at, ke
 CREATE INDEX IF NOT EXISTS instances_wake ON instances (wake_at)
     WHERE status = 'waiting' AND wake_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS instances_tenant_status ON instances (tenant_id, status, key);
+CREATE INDEX IF NOT EXISTS instances_tenant_queue ON instances (tenant_id, priority, ready_at, key)
+    WHERE status = 'queued';
 CREATE TABLE IF NOT EXISTS steps (
     key INTEGER NOT NULL,
     seq INTEGER NOT NULL,
@@ -279,6 +281,20 @@ class SqliteTxn(StoreTxn):
             "SELECT key FROM instances WHERE status = 'queued'"
             " ORDER BY priority, ready_at, key LIMIT ?",
             (limit,),
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def queued_for_tenant(self, tenant_id: str, limit: int) -> list[tuple[int, int]]:
+        rows = self._c.execute(
+            "SELECT key, priority FROM instances WHERE tenant_id = ? AND status = 'queued'"
+            " ORDER BY priority, ready_at, key LIMIT ?",
+            (tenant_id, limit),
+        ).fetchall()
+        return [(r[0], r[1]) for r in rows]
+
+    def queued_tenants(self, limit: int) -> list[str]:
+        rows = self._c.execute(
+            "SELECT DISTINCT tenant_id FROM instances WHERE status = 'queued' LIMIT ?", (limit,)
         ).fetchall()
         return [r[0] for r in rows]
 

@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NoReturn
 
 from . import _executor, sdk
@@ -128,6 +129,7 @@ class _Child:
         self._next_call = 0
         self._calls_lock = threading.Lock()
         self._outbox: list[bytes] = []
+        self._fetchers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fetch")
         self._outbox_lock = threading.Lock()
         self._flush_wanted = threading.Event()
 
@@ -240,7 +242,9 @@ class _Child:
                 if port is not None:
                     port.abort()
             elif isinstance(message, Fetch):
-                self._start(self._fetch, message, name=f"fetch-{message.request_id}")
+                # Requests reuse a few threads: starting one per request cost more than
+                # the whole round trip.
+                self._fetchers.submit(self._fetch, message)
             elif isinstance(message, BindingResult):
                 with self._calls_lock:
                     waiter = self._calls.get(message.call_id)

@@ -20,7 +20,6 @@ with it (theirs).
 from __future__ import annotations
 
 import array
-import ctypes
 import gc
 import importlib
 import os
@@ -32,7 +31,6 @@ from typing import Any
 
 import msgpack
 
-_PR_SET_PDEATHSIG = 1
 _MAX_MESSAGE = 65536
 
 
@@ -128,8 +126,10 @@ def _reap(control: socket.socket) -> None:
 
 
 def main(control_fd: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    # No parent-death signal here: it fires when the *thread* that forked us exits, and
+    # trio starts processes from worker threads it retires when idle (the zygote was
+    # SIGKILLed ten seconds after start). The control socket's EOF is the parent's
+    # death instead: the kernel closes the supervisor's end however it dies.
     # Ctrl-C reaches the whole process group; the supervisor decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     control = socket.socket(fileno=control_fd)
@@ -156,7 +156,10 @@ def main(control_fd: int) -> None:
                         break
                 _reap(control)
                 continue
-            data, ancdata, _, _ = control.recvmsg(_MAX_MESSAGE, socket.CMSG_SPACE(4 * 4))
+            try:
+                data, ancdata, _, _ = control.recvmsg(_MAX_MESSAGE, socket.CMSG_SPACE(4 * 4))
+            except OSError:
+                return  # the supervisor is gone (reset)
             if not data:
                 return  # the supervisor is gone
             fds = array.array("i")

@@ -326,3 +326,23 @@ def _open_fds() -> set[str]:
     listed = os.listdir("/proc/self/fd")
     # the descriptor listdir used is closed by now: keep only those still open
     return {fd for fd in listed if os.path.exists(f"/proc/self/fd/{fd}")}
+
+
+async def test_the_zygote_outlives_the_thread_that_started_it(monkeypatch, tmp_path):
+    """trio starts processes from worker threads it retires when idle; a parent-death
+    signal tied to that thread once killed the zygote ten seconds after start."""
+    import trio._core._thread_cache as thread_cache
+
+    from sandbox._host import open_sandbox_runner
+
+    monkeypatch.setattr(thread_cache, "IDLE_TIMEOUT", 0.05)
+
+    async def code(tenant_id, version):
+        return {"main.py": GREETER}
+
+    async with open_sandbox_runner(code) as runner:
+        zygote = psutil.Process(runner.zygote.pid)
+        await trio.sleep(0.5)  # far past the worker thread's retirement
+        assert zygote.is_running() and zygote.status() != psutil.STATUS_ZOMBIE
+        sandbox = await runner.get_sandbox("late", "v1")
+        assert psutil.Process(sandbox.pid).ppid() == zygote.pid
