@@ -501,7 +501,7 @@ class ActivationDriver:
         if result is not None:
             status, wake = result
             if status is InstanceStatus.QUEUED:
-                self._engine.kick_dispatch()
+                self._engine.kick_dispatch(self._session.tenant_id)
             elif wake is not None:
                 self._engine.kick_timers(wake)
 

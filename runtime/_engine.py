@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import operator
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -42,6 +41,7 @@ from sandbox.protocol import (
 
 from ._activation import ActivationDriver, Session, _with
 from ._clock import Clock, WallClock
+from ._dispatcher import FairDispatcher
 from ._faults import crash_point
 from ._models import (
     FINISHED_STATUSES,
@@ -155,6 +155,7 @@ class Engine:
         max_concurrency: int = 1000,
         max_steps: int = DEFAULT_MAX_STEPS,
         current_version: Callable[[str], str | None] | None = None,
+        tenant_concurrency: Callable[[str], int] | None = None,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be at least 1")
@@ -169,10 +170,9 @@ class Engine:
         self._claiming: set[int] = set()
         self._crashes: dict[int, int] = {}
         self._activation_ids = itertools.count(1)
-        self._dispatch_wakeup = trio.Event()
-        self._dispatch_idle = False
-        self._maybe_queued = True  # unknown at start: look once
-        self._queued_epoch = 0
+        self.dispatcher = FairDispatcher(
+            self, tenant_concurrency or (lambda tenant_id: max_concurrency)
+        )
         self._timer_scope: trio.CancelScope | None = None
         self._timer_target: float | None = None
         self._timer_dirty = True
@@ -195,7 +195,7 @@ class Engine:
             now = self.clock.now()
             self.recovered = await self.writer.submit(lambda txn: txn.recover_running(now))
             nursery.start_soon(self._timer_loop)
-            nursery.start_soon(self._dispatch_loop)
+            nursery.start_soon(self.dispatcher.run)
             task_status.started()
 
     async def drain(self, grace: float) -> bool:
@@ -217,9 +217,9 @@ class Engine:
             not self._sessions
             and not self._claiming
             and self.writer.idle
-            and self._dispatch_idle
+            and self.dispatcher.idle
             and self._timer_idle
-            and not self._dispatch_wakeup.is_set()
+            and not self.dispatcher.wakeup.is_set()
             and not self._timer_dirty
         )
 
@@ -230,17 +230,23 @@ class Engine:
 
     # ------------------------------------------------------------------ notifications
 
-    def kick_dispatch(self, *, queued: bool = True) -> None:
-        """Tell the dispatcher that an instance was queued, or (``queued=False``) a slot freed.
+    def kick_dispatch(self, tenant_id: str | None) -> None:
+        """Tell the dispatcher an instance of ``tenant_id`` was queued (None: a slot freed)."""
+        self.dispatcher.kick(tenant_id)
 
-        A freed slot only matters while queued work may be waiting: that saves the
-        dispatcher a database read at the end of every activation.
-        """
-        if queued:
-            self._queued_epoch += 1
-            self._maybe_queued = True
-        if queued or self._maybe_queued:
-            self._dispatch_wakeup.set()
+    def busy_keys(self) -> set[int]:
+        """Instances with an activation now (claiming or running)."""
+        return set(self._sessions) | self._claiming
+
+    def start_instance(self, key: int, tenant_id: str) -> None:
+        """Claim and run a queued instance in a slot the dispatcher granted."""
+        assert self._nursery is not None
+        self._claiming.add(key)
+        self._nursery.start_soon(self._run_instance, key, tenant_id)
+
+    async def read(self, fn: Callable[[StoreTxn], T]) -> T:
+        """Run ``fn`` on a read-only snapshot, on a worker thread."""
+        return await self._read(fn)
 
     def kick_timers(self, wake_at: float | None = None) -> None:
         """Tell the timer loop a timer changed (earlier than it sleeps for, maybe)."""
@@ -291,7 +297,7 @@ class Engine:
                 tenant_id, iid, workflow_name, code_version, params, now
             )
         )
-        self.kick_dispatch()
+        self.kick_dispatch(tenant_id)
         return iid, InstanceStatus.QUEUED
 
     async def create_many(
@@ -326,7 +332,7 @@ class Engine:
         for index, error in outcomes.items():
             if error is not None:
                 results[index] = error
-        self.kick_dispatch()
+        self.kick_dispatch(tenant_id)
         return results
 
     async def get(self, tenant_id: str, instance_id: str) -> InstanceView:
@@ -415,7 +421,7 @@ class Engine:
                 return record.key, InstanceStatus.WAITING_FOR_PAUSE
             return record.key, status
 
-        return await self._admin(unit)
+        return await self._admin(tenant_id, unit)
 
     async def resume(self, tenant_id: str, instance_id: str) -> InstanceStatus:
         """Continue a paused instance, shifting its pending timers by the time it was paused."""
@@ -449,7 +455,7 @@ class Engine:
             )
             return record.key, InstanceStatus.WAITING
 
-        return await self._admin(unit)
+        return await self._admin(tenant_id, unit)
 
     async def terminate(self, tenant_id: str, instance_id: str) -> InstanceStatus:
         """Stop the instance at once; a running activation is aborted."""
@@ -464,7 +470,7 @@ class Engine:
             )
             return record.key, InstanceStatus.TERMINATED
 
-        return await self._admin(unit, stop=True)
+        return await self._admin(tenant_id, unit, stop=True)
 
     async def restart(self, tenant_id: str, instance_id: str) -> InstanceStatus:
         """Discard the journal and run again with the same id and params, on the current code."""
@@ -488,7 +494,7 @@ class Engine:
             )
             return record.key, InstanceStatus.QUEUED
 
-        return await self._admin(unit, stop=True)
+        return await self._admin(tenant_id, unit, stop=True)
 
     async def send_event(
         self, tenant_id: str, instance_id: str, event_type: str, payload: Any = None
@@ -528,7 +534,7 @@ class Engine:
                 txn.update_instance(record.key, now, wake_at=wake)
             return record.key, record.status
 
-        await self._admin(unit)
+        await self._admin(tenant_id, unit)
         crash_point("event.after_record", event_type)
 
     async def wait_for_status(
@@ -577,7 +583,11 @@ class Engine:
         return record
 
     async def _admin(
-        self, unit: Callable[[StoreTxn], tuple[int, InstanceStatus]], *, stop: bool = False
+        self,
+        tenant_id: str,
+        unit: Callable[[StoreTxn], tuple[int, InstanceStatus]],
+        *,
+        stop: bool = False,
     ) -> InstanceStatus:
         key, status = await self.writer.submit(unit)
         if stop and (session := self._sessions.get(key)) is not None:
@@ -587,39 +597,13 @@ class Engine:
             session.scope.cancel()
         self.notify_change(key)
         if status is InstanceStatus.QUEUED:
-            self.kick_dispatch()
+            self.kick_dispatch(tenant_id)
         self.kick_timers()
         return status
 
     # ------------------------------------------------------------------ dispatcher
 
-    async def _dispatch_loop(self) -> None:
-        assert self._nursery is not None
-        while True:
-            self._dispatch_wakeup = trio.Event()
-            started = 0
-            free = 0 if self.draining else self.max_concurrency - self.running_count
-            if free > 0:
-                busy = set(self._sessions) | self._claiming
-                wanted = free + len(busy)
-                epoch = self._queued_epoch
-                keys = await self._read(operator.methodcaller("queued_keys", wanted))
-                if len(keys) < wanted and epoch == self._queued_epoch:
-                    self._maybe_queued = False  # we saw every queued instance
-                for key in keys:
-                    if started >= free:
-                        break
-                    if key in busy:
-                        continue
-                    self._claiming.add(key)
-                    self._nursery.start_soon(self._run_instance, key)
-                    started += 1
-            if started == 0:
-                self._dispatch_idle = True
-                await self._dispatch_wakeup.wait()
-                self._dispatch_idle = False
-
-    async def _run_instance(self, key: int) -> None:
+    async def _run_instance(self, key: int, tenant_id: str) -> None:
         now = self.clock.now()
 
         def claim(txn: StoreTxn) -> tuple[InstanceRecord, list[StepRecord]] | None:
@@ -630,9 +614,11 @@ class Engine:
             claimed = await self.writer.submit(claim)
         except BaseException:
             self._claiming.discard(key)
+            self.dispatcher.release(tenant_id)
             raise
         if claimed is None:
             self._claiming.discard(key)
+            self.dispatcher.release(tenant_id)
             return
         record, steps = claimed
         session = Session(
@@ -648,7 +634,7 @@ class Engine:
             del self._sessions[key]
             ended, self._sessions_changed = self._sessions_changed, trio.Event()
             ended.set()
-            self.kick_dispatch(queued=False)
+            self.dispatcher.release(tenant_id)
             self.notify_change(key)
 
     async def _drive(
@@ -736,10 +722,9 @@ class Engine:
             now = self.clock.now()
             due = functools.partial(_wake_due, now=now, limit=_WAKE_BATCH)
             woken = await self.writer.submit(due)
-            if woken:
-                self.kick_dispatch()
-                for key in woken:
-                    self.notify_change(key)
+            for key, tenant_id in woken:
+                self.kick_dispatch(tenant_id)
+                self.notify_change(key)
                 if len(woken) >= _WAKE_BATCH:
                     continue
             target = await self._read(lambda txn: txn.next_wake_at())
@@ -758,10 +743,10 @@ class Engine:
                     self._timer_scope = None
 
 
-def _wake_due(txn: StoreTxn, now: float, limit: int) -> list[int]:
+def _wake_due(txn: StoreTxn, now: float, limit: int) -> list[tuple[int, str]]:
     """Resolve every due timer of up to ``limit`` waiting instances and queue them."""
-    keys = txn.due_keys(now, limit)
-    for key in keys:
+    due = txn.due_keys(now, limit)
+    for key, _ in due:
         for step in txn.due_steps(key, now):
             if step.kind is StepKind.SLEEP and step.status is StepStatus.WAITING:
                 txn.put_step(key, None, _with(step, StepStatus.COMPLETE, ended_at=now))
@@ -770,7 +755,7 @@ def _wake_due(txn: StoreTxn, now: float, limit: int) -> list[int]:
                 txn.put_step(key, None, _with(step, StepStatus.ERRORED, ended_at=now, error=error))
             # a due retry stays 'retrying': the next activation runs its next attempt
         txn.update_instance(key, now, status=InstanceStatus.QUEUED, wake_at=None, priority=0)
-    return keys
+    return due
 
 
 def _insert_unit(

@@ -117,8 +117,8 @@ class StoreTxn(ABC):
         """Tenants that have queued instances (used at start and as a safety net)."""
 
     @abstractmethod
-    def due_keys(self, now: float, limit: int) -> list[int]:
-        """``waiting`` instances whose earliest timer is due."""
+    def due_keys(self, now: float, limit: int) -> list[tuple[int, str]]:
+        """``waiting`` instances whose earliest timer is due, as ``(key, tenant_id)``."""
 
     @abstractmethod
     def next_wake_at(self) -> float | None:
@@ -220,9 +220,13 @@ def open_store(url: str) -> Store:
 
     ``sqlite:///relative/path.db`` and ``sqlite:////absolute/path.db`` follow
     SQLAlchemy's convention; a URL-less path is taken as a SQLite file.
+    ``postgresql://...`` (or ``postgres://``) is a libpq URL; add
+    ``?options=-csearch_path%3DNAME`` to keep tenantflow's tables in schema NAME.
     """
     if url.startswith(("postgresql://", "postgres://")):
-        raise NotImplementedError("the PostgreSQL backend is not built yet (SPEC 10)")
+        from ._storage_postgres import PostgresStore
+
+        return PostgresStore(url)
     if url.startswith("sqlite:///"):
         path = url.removeprefix("sqlite:///")
     elif "://" in url:

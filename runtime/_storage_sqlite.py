@@ -298,13 +298,13 @@ class SqliteTxn(StoreTxn):
         ).fetchall()
         return [r[0] for r in rows]
 
-    def due_keys(self, now: float, limit: int) -> list[int]:
+    def due_keys(self, now: float, limit: int) -> list[tuple[int, str]]:
         rows = self._c.execute(
-            "SELECT key FROM instances WHERE status = 'waiting' AND wake_at IS NOT NULL"
-            " AND wake_at <= ? ORDER BY wake_at LIMIT ?",
+            "SELECT key, tenant_id FROM instances WHERE status = 'waiting'"
+            " AND wake_at IS NOT NULL AND wake_at <= ? ORDER BY wake_at LIMIT ?",
             (now, limit),
         ).fetchall()
-        return [r[0] for r in rows]
+        return [(r[0], r[1]) for r in rows]
 
     def next_wake_at(self) -> float | None:
         row = self._c.execute(

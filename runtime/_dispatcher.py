@@ -1,0 +1,127 @@
+"""Concurrency slots: who runs next when a slot frees.
+
+Only ``running`` instances hold a slot; ``waiting`` ones hold none. Slots are bounded
+globally (``max_concurrency``) and per tenant (its ``max_concurrency``), and shared
+**max-min fairly**: each free slot goes to the tenant with queued work that runs the
+fewest instances now, ties going round-robin. So a tenant with 100,000 queued
+instances cannot delay another tenant's single one by more than one slot's turn.
+Within a tenant, instances woken from a sleep, an event or a retry go before new ones.
+
+The cost of a round does not grow with the backlog: only the heads of the few tenants
+that can get a slot are read (one indexed query each), the way DBOS walks queue
+partitions instead of scanning the queue.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import Counter
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import trio
+
+from ._storage import StoreTxn
+
+if TYPE_CHECKING:
+    from ._engine import Engine
+
+__all__ = ["FairDispatcher"]
+
+#: How often an idle dispatcher looks in the database for queued work it was not told
+#: about (a safety net: every path that queues an instance also tells it).
+_SAFETY_NET_SECONDS = 5.0
+
+
+class FairDispatcher:
+    """Starts queued instances into free slots, fairly across tenants."""
+
+    def __init__(self, engine: Engine, tenant_limit: Callable[[str], int]) -> None:
+        self._engine = engine
+        self._tenant_limit = tenant_limit
+        self.running: Counter[str] = Counter()  #: slots held per tenant (claiming or running)
+        self.queued_tenants: set[str] = set()  #: tenants that may have queued instances
+        self._kicked: set[str] = set()  #: tenants queued to while a round was reading
+        self._served = itertools.count()
+        self._last_served: dict[str, int] = {}
+        self.wakeup = trio.Event()
+        self.idle = False
+
+    def kick(self, tenant_id: str | None) -> None:
+        """An instance of ``tenant_id`` was queued (None: a slot freed)."""
+        if tenant_id is not None:
+            self.queued_tenants.add(tenant_id)
+            self._kicked.add(tenant_id)
+            self.wakeup.set()
+        elif self.queued_tenants:
+            self.wakeup.set()
+
+    def release(self, tenant_id: str) -> None:
+        """A slot of ``tenant_id`` is free again."""
+        self.running[tenant_id] -= 1
+        if self.running[tenant_id] <= 0:
+            del self.running[tenant_id]
+        self.kick(None)
+
+    async def run(self) -> None:
+        engine = self._engine
+        self.queued_tenants.update(await engine.read(lambda txn: txn.queued_tenants(10_000)))
+        while True:
+            self.wakeup = trio.Event()
+            started = await self._round()
+            if started == 0:
+                self.idle = True
+                with trio.move_on_after(_SAFETY_NET_SECONDS):
+                    await self.wakeup.wait()
+                self.idle = False
+                if not self.wakeup.is_set() and not engine.draining:
+                    missed = await engine.read(lambda txn: txn.queued_tenants(100))
+                    self.queued_tenants.update(missed)
+
+    def _room(self, tenant_id: str) -> int:
+        return max(0, self._tenant_limit(tenant_id) - self.running[tenant_id])
+
+    async def _round(self) -> int:
+        engine = self._engine
+        free = 0 if engine.draining else engine.max_concurrency - engine.running_count
+        candidates = [t for t in self.queued_tenants if self._room(t) > 0]
+        if free <= 0 or not candidates:
+            return 0
+        # The tenants that can get a slot this round: fewest running first, then the one
+        # served longest ago. At most `free` of them can win a slot.
+        candidates.sort(key=lambda t: (self.running[t], self._last_served.get(t, -1)))
+        chosen = candidates[:free]
+        busy = engine.busy_keys()
+        wanted = {t: min(free, self._room(t)) + len(busy) for t in chosen}
+        self._kicked.clear()
+
+        def read_heads(txn: StoreTxn) -> dict[str, list[tuple[int, int]]]:
+            return {t: txn.queued_for_tenant(t, n) for t, n in wanted.items()}
+
+        heads = await engine.read(read_heads)
+        queues = {t: [key for key, _ in rows if key not in busy] for t, rows in heads.items()}
+        started = 0
+        heap = [(self.running[t], self._last_served.get(t, -1), t) for t in queues if queues[t]]
+        heapq.heapify(heap)
+        while heap and started < free:
+            _, _, tenant_id = heapq.heappop(heap)
+            if self._room(tenant_id) <= 0:
+                continue
+            key = queues[tenant_id].pop(0)
+            self.running[tenant_id] += 1
+            self._last_served[tenant_id] = next(self._served)
+            engine.start_instance(key, tenant_id)
+            started += 1
+            if queues[tenant_id]:
+                heapq.heappush(
+                    heap, (self.running[tenant_id], self._last_served[tenant_id], tenant_id)
+                )
+        for tenant_id, rows in heads.items():
+            saw_all = len(rows) < wanted[tenant_id]
+            left = queues[tenant_id] or any(key in busy for key, _ in rows)
+            if saw_all and not left and tenant_id not in self._kicked:
+                self.queued_tenants.discard(tenant_id)  # nothing queued remains
+        if len(self._last_served) > 100_000:  # forget tenants long gone
+            self._last_served = {t: self._last_served[t] for t in self.queued_tenants}
+        return started
