@@ -49,9 +49,11 @@ from .errors import LeaseLost
 if TYPE_CHECKING:
     from ._engine import Engine
 
-__all__ = ["ActivationDriver", "ProtocolViolation", "Session"]
+__all__ = ["SILENCE_SECONDS", "ActivationDriver", "ProtocolViolation", "Session"]
 
 _MAX_LOG_LINES_PER_ACTIVATION: Final = 10_000
+#: How long code between steps may run without a word before its process is killed.
+SILENCE_SECONDS: Final = 60.0
 
 
 class ProtocolViolation(RunnerError):
@@ -129,9 +131,11 @@ class ActivationDriver:
         self._writer = engine.writer
         self._expired: set[int] = set()
         self.aborted = False
+        self.progress = 0  #: steps recorded by this activation
+        self.silent = False  #: stopped answering outside any step (set by the watchdog)
+        self._last_heard = self._clock.now()
         self._watching: tuple[float, _Attempt] | None = None
         self._watch_scope: trio.CancelScope | None = None
-        self._watch_changed = trio.Event()
 
     async def converse(self, channel: ActivationChannel) -> Command | None:
         """Handle commands until the final one; None if the session was stopped.
@@ -159,6 +163,7 @@ class ActivationDriver:
     async def _converse(self, channel: ActivationChannel) -> Command | None:
         while True:
             command = await channel.receive()
+            self._last_heard = self._clock.now()
             if self._session.stopped:
                 return None
             if isinstance(command, WorkflowFinished | Suspended):
@@ -206,30 +211,48 @@ class ActivationDriver:
         self._rearm_watchdog(attempt.deadline)
 
     def _rearm_watchdog(self, deadline: float) -> None:
-        if self._watching is None:
-            self._watch_changed.set()
-        elif deadline < self._watching[0] and self._watch_scope is not None:
+        if self._watch_scope is not None and (
+            self._watching is None or deadline < self._watching[0]
+        ):
             self._watch_scope.cancel()
 
     async def _watchdog(self) -> None:
-        """One task per activation enforces every attempt's timeout (no task per step)."""
+        """One task per activation enforces every attempt's timeout (no task per step),
+        and a deadline between steps: code outside a step must reach its next step, or
+        its end, within ``SILENCE_SECONDS`` of its last command."""
         while True:
             inflight = self._session.inflight
-            if not inflight:
+            attempt = min(inflight.values(), key=lambda a: a.deadline) if inflight else None
+            if attempt is not None:
+                self._watching = (attempt.deadline, attempt)
+                target = attempt.deadline
+            else:
                 self._watching = None
-                self._watch_changed = trio.Event()
-                await self._watch_changed.wait()
-                continue
-            attempt = min(inflight.values(), key=lambda a: a.deadline)
-            self._watching = (attempt.deadline, attempt)
+                target = self._last_heard + SILENCE_SECONDS
             with trio.CancelScope() as scope:
                 self._watch_scope = scope
-                await self._clock.sleep_until(attempt.deadline)
+                await self._clock.sleep_until(target)
             self._watch_scope = None
-            if scope.cancelled_caught or inflight.get(attempt.seq) is not attempt:
-                continue  # an earlier deadline arrived, or the attempt finished in time
-            await self._expire(attempt)
+            if scope.cancelled_caught:
+                continue  # re-armed: an attempt started, or one with an earlier deadline
+            if attempt is not None:
+                if inflight.get(attempt.seq) is attempt:
+                    await self._expire(attempt)
+                    return
+                continue  # it finished in time
+            if self._session.inflight or self._last_heard + SILENCE_SECONDS > self._clock.now():
+                continue
+            await self._silence()
             return
+
+    async def _silence(self) -> None:
+        # Nothing in flight and nothing said for SILENCE_SECONDS: the process is stuck
+        # (or hostile). It is killed; the engine counts it as a crash outside a step.
+        self.silent = True
+        if self._session.channel is not None:
+            with trio.CancelScope(shield=True):
+                await self._session.channel.abort("stopped answering", force=True)
+        self._session.scope.cancel()
 
     async def _expire(self, attempt: _Attempt) -> None:
         # The attempt overran its timeout: it fails, and whatever runs it is stopped (a
@@ -334,6 +357,7 @@ class ActivationDriver:
             return txn.get_status(key) is InstanceStatus.WAITING_FOR_PAUSE
 
         pause = await self._writer.submit(unit)
+        self.progress += 1
         self._engine.notify_change(key)
         # A draining supervisor stops its activations at this boundary too: the instance
         # goes back to the queue and a restart (or another supervisor) carries it on.

@@ -77,6 +77,8 @@ __all__ = [
 
 T = TypeVar("T")
 DEFAULT_WORKFLOW: Final = "TenantWorkflow"
+#: Crashes in a row, outside any step and without progress, before an instance fails.
+MAX_CRASHES: Final = 5
 _WAKE_BATCH: Final = 500
 
 
@@ -678,15 +680,26 @@ class Engine:
             return
         if crash is not None and driver.aborted:
             crash = None  # the runner died because we killed it over a step timeout
+        if driver.silent:
+            crash = RunnerError(
+                "the activation stopped answering outside any step",
+                error=ErrorInfo("SandboxCrashedError", "the sandbox stopped answering"),
+            )
+        if driver.progress:
+            self._crashes.pop(session.key, None)  # a crash loop is crashes without progress
         try:
-            if crash is not None and crash.permanent:
+            if crash is not None and (
+                crash.permanent or (_is_limit(crash) and not session.inflight)
+            ):
+                # Code that cannot load, or a limit broken outside any step (replaying the
+                # same code breaks it again): the instance fails instead of looping.
                 error = crash.error or ErrorInfo("RunnerError", str(crash), False)
                 final = WorkflowFinished(session.activation_id, ok=False, error=error)
             if isinstance(final, WorkflowFinished):
                 self._crashes.pop(session.key, None)
                 await driver.finish(final)
             elif crash is not None and not session.inflight:
-                await self._park_after_crash(session, crash)
+                await self._park_after_crash(session, driver, crash)
             else:
                 if crash is not None:
                     await driver.fail_inflight(
@@ -696,13 +709,28 @@ class Engine:
         except LeaseLost:
             return
 
-    async def _park_after_crash(self, session: Session, crash: BaseException) -> None:
+    async def _park_after_crash(
+        self, session: Session, driver: ActivationDriver, crash: RunnerError
+    ) -> None:
         # A runner that fails between steps (or cannot start) is retried with a capped
-        # exponential delay, so a crash loop costs little and never spins.
+        # exponential delay, so a crash loop costs little and never spins; after
+        # MAX_CRASHES in a row without a step recorded, the instance fails.
         crashes = self._crashes.get(session.key, 0) + 1
         self._crashes[session.key] = crashes
+        if crashes >= MAX_CRASHES:
+            self._crashes.pop(session.key, None)
+            error = crash.error or ErrorInfo("SandboxCrashedError", str(crash))
+            message = f"{error.message} ({crashes} times in a row, outside any step)"
+            await driver.finish(
+                WorkflowFinished(
+                    session.activation_id,
+                    ok=False,
+                    error=ErrorInfo(error.name, message, False, error.code),
+                )
+            )
+            return
         now = self.clock.now()
-        wake = now + min(60.0, 0.1 * 2 ** (crashes - 1))
+        wake = now + min(60.0, 0.1 * 2 ** min(crashes - 1, 10))
         key, token = session.key, session.token
         message = f"activation failed ({crash}); retrying at +{wake - now:.1f}s"
 
@@ -741,6 +769,10 @@ class Engine:
                 finally:
                     self._timer_idle = False
                     self._timer_scope = None
+
+
+def _is_limit(crash: RunnerError) -> bool:
+    return crash.error is not None and crash.error.name == "SandboxLimitError"
 
 
 def _wake_due(txn: StoreTxn, now: float, limit: int) -> list[tuple[int, str]]:

@@ -83,7 +83,7 @@ class _InProcessChannel(ActivationChannel):
     async def reply(self, reply: Reply) -> None:
         self._port.put_reply(reply)
 
-    async def abort(self, reason: str) -> None:
+    async def abort(self, reason: str, *, force: bool = False) -> None:
         # A thread cannot be killed: it is abandoned, and its next call to the host
         # raises ActivationAborted. Anything it sends from now on is ignored.
         self._port.abort()

@@ -56,8 +56,11 @@ class ActivationChannel(ABC):
         """Answer a command that waits."""
 
     @abstractmethod
-    async def abort(self, reason: str) -> None:
-        """Stop the activation now (terminate, step timeout); never raises."""
+    async def abort(self, reason: str, *, force: bool = False) -> None:
+        """Stop the activation now (terminate, step timeout); never raises.
+
+        ``force`` kills whatever runs it even between steps (it stopped answering).
+        """
 
 
 class Runner(ABC):

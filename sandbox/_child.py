@@ -83,8 +83,10 @@ class _ChildPort(ReplyMailbox):
     def notify(self, command: Command) -> None:
         self.check_open()
         if isinstance(command, StepStarted):
+            # Sent at once, not batched: tenant code in C may hold the GIL from here on,
+            # and the host must know a step is running if it has to kill the process.
             self._child.start_cpu_budget()
-            self._child.send_later(command)
+            self._child.send(command)
         elif isinstance(command, LogLine):
             self._child.send_later(command)
         else:
@@ -130,6 +132,8 @@ class _Child:
         self._calls_lock = threading.Lock()
         self._outbox: list[bytes] = []
         self._fetchers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fetch")
+        self._memory_fault = b""
+        self._crash_fault = b""
         self._outbox_lock = threading.Lock()
         self._flush_wanted = threading.Event()
 
@@ -198,6 +202,12 @@ class _Child:
         except (OSError, ValueError):
             pass  # the process-wide budget still applies
 
+    def _die(self, fault_frame: bytes) -> None:
+        try:
+            self._frames.send_many([fault_frame])
+        finally:
+            os._exit(1)
+
     def _watch_cpu_limit(self) -> None:
         # SIGXCPU goes to whichever thread the kernel picks, and a Python handler only
         # runs on the main thread, which sits in recv(): so the signal is blocked in
@@ -212,6 +222,9 @@ class _Child:
     # -- the main loop ---------------------------------------------------------------
 
     def serve(self, missing: dict[str, str]) -> None:
+        memory = f"memory limit {self._limits.memory_mb} MiB exceeded"
+        self._memory_fault = encode(SandboxFault("memory", memory))
+        self._crash_fault = encode(SandboxFault("crash", "the sandbox's runtime failed"))
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGXCPU})
         self._start(self._watch_cpu_limit, name="cpu-limit")
         self._start(self._flush_outbox, name="outbox")
@@ -290,6 +303,13 @@ class _Child:
         def run() -> None:
             try:
                 Executor(message, port, make_workflow).run()
+            except MemoryError:
+                # The executor reports every error as data; only running out of memory
+                # while reporting one gets here. The process is unsafe: it dies, saying
+                # why in a frame encoded before memory ran out.
+                self._die(self._memory_fault)
+            except BaseException:  # a bug of ours, never swallowed silently
+                self._die(self._crash_fault)
             finally:
                 self._ports.pop(message.activation_id, None)
 

@@ -169,16 +169,30 @@ def _normalize(value: Any, what: str) -> Any:
 LIMIT_MESSAGES: dict[type[BaseException], str] = {}
 
 
+#: Branches one ``step.parallel`` may run at once.
+MAX_PARALLEL: Final = 100
+#: An error's message is cut to this many characters (it is stored and sent to clients).
+MAX_ERROR_MESSAGE: Final = 4096
+
+
+def _clip(text: object, limit: int) -> str:
+    text = str(text)
+    return text if len(text) <= limit else text[:limit] + " …[truncated]"
+
+
 def _error_info(exc: BaseException) -> ErrorInfo:
     for kind, message in LIMIT_MESSAGES.items():
         if isinstance(exc, kind):
             return ErrorInfo("SandboxLimitError", message, code="sandbox.limit")
     if isinstance(exc, sdk.NonRetryableError):
-        return ErrorInfo(exc.name, exc.message, retryable=False)
-    if isinstance(exc, sdk.StepError):
-        return ErrorInfo(exc.name, exc.message)
-    code = getattr(type(exc), "code", None)
-    return ErrorInfo(type(exc).__name__, str(exc), code=code if isinstance(code, str) else None)
+        name, message, retryable, code = exc.name, exc.message, False, None
+    elif isinstance(exc, sdk.StepError):
+        name, message, retryable, code = exc.name, exc.message, True, None
+    else:
+        kind_code = getattr(type(exc), "code", None)
+        name, message, retryable = type(exc).__name__, str(exc), True
+        code = kind_code if isinstance(kind_code, str) else None
+    return ErrorInfo(_clip(name, 200), _clip(message, MAX_ERROR_MESSAGE), retryable, code)
 
 
 def _check_step_name(name: object) -> str:
@@ -437,6 +451,9 @@ class Executor:
     def parallel(self, callbacks: object, retries: object, timeout: object) -> dict[str, Any]:
         if not isinstance(callbacks, dict) or not callbacks:
             raise InvalidStepError("step.parallel takes a non-empty dict {name: callback}")
+        if len(callbacks) > MAX_PARALLEL:
+            # each branch is a thread of the sandbox, within its address-space limit
+            raise InvalidStepError(f"step.parallel takes at most {MAX_PARALLEL} steps")
         calls = []
         for name, callback in callbacks.items():
             seq, checked, count, entry = self._next_call(name, StepKind.DO)

@@ -66,6 +66,7 @@ __all__ = ["SandboxRunner", "SandboxSettings", "ZygoteClient", "open_sandbox_run
 log = logging.getLogger("tenantflow.sandbox")
 _REPORTED_LAYERS: set[str] = set()
 _STOP_GRACE_SECONDS = 2.0
+_CPU_CHECK_SECONDS = 0.25
 _LOAD_TIMEOUT_SECONDS = 30.0
 
 _PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
@@ -91,6 +92,19 @@ class SandboxState(enum.Enum):
     STARTING = "starting"  #: forked, loading the tenant's code
     READY = "ready"  #: serving activations and requests
     DEAD = "dead"  #: stopped, crashed or killed; never reused
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """user + system CPU seconds of a process, from /proc (None if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # ---------------------------------------------------------------------------
@@ -260,10 +274,10 @@ class _SandboxChannel(ActivationChannel):
     async def reply(self, reply: Reply) -> None:
         await self._sandbox.send(reply)
 
-    async def abort(self, reason: str) -> None:
+    async def abort(self, reason: str, *, force: bool = False) -> None:
         # A step running tenant code can only be stopped by killing its process; an
         # activation between steps is told to unwind at its next call.
-        if self._running_steps:
+        if force or self._running_steps:
             self._sandbox.kill(f"aborted: {reason}")
         else:
             await self._sandbox.send(Abort(self._aid))
@@ -292,6 +306,10 @@ class Sandbox:
         self.binding_handler: BindingHandler | None = None
         self._nursery: trio.Nursery | None = None
         self._binding_calls = 0
+        self.cpu_limit = 30.0  #: seconds of CPU it may use without sending a frame
+        self.frames_seen = 0  #: frames received (the CPU watchdog's sign of progress)
+        self._cpu_mark: float | None = None  #: its CPU time when progress was last seen
+        self._frames_at_mark = 0
 
     def _start_binding_call(self, call: BindingCall) -> None:
         if self.binding_handler is None or self._nursery is None:
@@ -338,7 +356,7 @@ class Sandbox:
 
     @property
     def busy(self) -> bool:
-        return bool(self.activations or self._fetches)
+        return self.state is SandboxState.STARTING or bool(self.activations or self._fetches)
 
     async def load(self, tenant_id: str, code_version: str, files: Mapping[str, str]) -> None:
         """Send the tenant's code and wait for it to load; RunnerError if it cannot."""
@@ -348,6 +366,10 @@ class Sandbox:
                 ready = decode(await self._frames.receive())
         except (EOFError, ProtocolError, trio.TooSlowError, trio.BrokenResourceError) as exc:
             self.kill(f"did not load: {exc}")
+            if self.fault is not None:
+                # module-level code broke a limit: loading this version will always fail
+                error = ErrorInfo("SandboxLimitError", self.fault.message, False, "sandbox.limit")
+                raise RunnerError(error.message, error=error, permanent=True) from None
             raise RunnerError(f"the sandbox for {tenant_id!r} failed to start: {exc}") from exc
         if not isinstance(ready, Ready):
             self.kill("protocol violation at start")
@@ -376,6 +398,7 @@ class Sandbox:
         try:
             while True:
                 message = decode(await self._frames.receive())
+                self.frames_seen += 1
                 if isinstance(message, SandboxFault):
                     self.fault = message
                 elif isinstance(message, FetchResult):
@@ -402,6 +425,26 @@ class Sandbox:
         finally:
             self.kill(reason)
 
+    def check_cpu(self) -> None:
+        """Kill the sandbox if it burnt more than its CPU limit without a word.
+
+        RLIMIT_CPU's SIGXCPU is only reported by a thread that needs the GIL, which C
+        code (a huge ``pow``, a catastrophic regex) can hold for its whole run, and it
+        only arms per step. This check, from outside, bounds every such case: CPU spent
+        while no frame arrives, in a step, between steps or while loading.
+        """
+        if self._pidfd < 0 or self.state is SandboxState.DEAD:
+            return
+        used = _cpu_seconds(self.pid)
+        if used is None:
+            return
+        if self._cpu_mark is None or self.frames_seen != self._frames_at_mark or not self.busy:
+            self._cpu_mark, self._frames_at_mark = used, self.frames_seen
+            return
+        if used - self._cpu_mark > self.cpu_limit + 0.5:
+            self.fault = SandboxFault("cpu", f"cpu limit {self.cpu_limit:g} s exceeded")
+            self.kill("exceeded its CPU limit")
+
     def kill(self, reason: str) -> None:
         """SIGKILL the process and fail everything still waiting on it (idempotent)."""
         if self._pidfd >= 0:
@@ -416,8 +459,10 @@ class Sandbox:
             return
         self.state = SandboxState.DEAD
         self.death_reason = reason
-        if self.fault is not None:
+        if self.fault is not None and self.fault.kind != "crash":
             error = ErrorInfo("SandboxLimitError", self.fault.message, code="sandbox.limit")
+        elif self.fault is not None:
+            error = ErrorInfo("SandboxCrashedError", self.fault.message)
         else:
             error = ErrorInfo("SandboxCrashedError", f"the sandbox {reason}")
         failure = RunnerError(error.message, error=error)
@@ -560,7 +605,9 @@ class SandboxRunner(Runner):
         files = await self._code_source(tenant_id, code_version)
         started = trio.current_time()
         spawned, sock = await self.zygote.spawn(tenant_id, self._settings(tenant_id))
+        settings = self._settings(tenant_id)
         sandbox = Sandbox(key, spawned, sock, self.zygote)
+        sandbox.cpu_limit = float(settings.cpu_seconds)
         sandbox.binding_handler = self.binding_handler
         sandbox._nursery = self._nursery
         self._sandboxes[key] = sandbox
@@ -644,6 +691,12 @@ class SandboxRunner(Runner):
             await trio.sleep(max(0.01, min(self.idle_timeout / 4, 1.0)))
             await self.evict_idle()
 
+    async def _cpu_watch_loop(self) -> None:
+        while True:
+            await trio.sleep(_CPU_CHECK_SECONDS)
+            for sandbox in list(self._sandboxes.values()):
+                sandbox.check_cpu()
+
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True):
             for sandbox in list(self._sandboxes.values()):
@@ -673,6 +726,7 @@ async def open_sandbox_runner(
                 settings=settings,
             )
             nursery.start_soon(runner._evict_loop)
+            nursery.start_soon(runner._cpu_watch_loop)
             try:
                 yield runner
             finally:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final
 
-from ._durations import DurationError, parse_duration
+from ._durations import MAX_SLEEP_SECONDS, DurationError, parse_duration
 
 __all__ = [
     "DEFAULT_TIMEOUT_SECONDS",
@@ -43,10 +43,13 @@ class RetryPolicy:
         """Seconds to wait before attempt ``next_attempt`` (2 or more) after attempt n failed."""
         n = next_attempt - 1
         if self.backoff == "constant":
-            return self.delay
-        if self.backoff == "linear":
-            return self.delay * n
-        return self.delay * float(2 ** (n - 1))
+            delay = self.delay
+        elif self.backoff == "linear":
+            delay = self.delay * n
+        else:
+            # 2**(n-1) overflows a float past n = 1025; any delay that long is capped anyway
+            delay = self.delay * float(2 ** min(n - 1, 64))
+        return min(delay, MAX_SLEEP_SECONDS)
 
     def allows(self, next_attempt: int) -> bool:
         """Whether attempt ``next_attempt`` may run (``limit`` retries after the first)."""
