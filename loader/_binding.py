@@ -74,11 +74,13 @@ class DynamicWorkflowBinding:
         metadata: Mapping[str, Any],
         *,
         current_version: Callable[[], str] | None = None,
+        admit: Callable[[int], None] | None = None,
     ) -> None:
         self.engine = engine
         self.metadata = dict(metadata)
         self.tenant_id: str = str(metadata["tenant_id"])
         self._current_version = current_version
+        self._admit = admit
 
     def _metadata(self) -> dict[str, Any]:
         version = self._current_version() if self._current_version else None
@@ -89,6 +91,8 @@ class DynamicWorkflowBinding:
 
     async def create(self, *, id: str | None = None, params: Any = None) -> InstanceHandle:
         """Create an instance running the tenant's current code with ``params``."""
+        if self._admit is not None:
+            self._admit(1)
         metadata = self._metadata()
         instance_id, _ = await self.engine.create(
             self.tenant_id,
@@ -104,6 +108,8 @@ class DynamicWorkflowBinding:
             raise BadRequest("create_batch takes a list of {id?, params?} objects")
         if len(items) > MAX_BATCH:
             raise BadRequest(f"a batch holds at most {MAX_BATCH} instances, not {len(items)}")
+        if self._admit is not None:
+            self._admit(len(items))
         metadata = self._metadata()
         version = str(metadata.get("code_version", ""))
         pairs: list[tuple[str | None, Any]] = []
@@ -141,6 +147,10 @@ def wrap_workflow_binding(
     *,
     engine: Engine,
     current_version: Callable[[], str] | None = None,
+    admit: Callable[[int], None] | None = None,
 ) -> DynamicWorkflowBinding:
-    """The binding a tenant's code sees, creating instances inside the envelope."""
-    return DynamicWorkflowBinding(engine, metadata, current_version=current_version)
+    """The binding a tenant's code sees, creating instances inside the envelope.
+
+    ``admit(n)`` is called before ``n`` creations and may refuse them (rate limits).
+    """
+    return DynamicWorkflowBinding(engine, metadata, current_version=current_version, admit=admit)

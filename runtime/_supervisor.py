@@ -38,6 +38,7 @@ from sandbox.protocol import Fetch, FetchResult
 
 from ._clock import Clock
 from ._engine import Engine
+from ._ratelimit import RateLimiter
 from ._runner import Runner, RunnerError
 from ._storage import Store, open_store
 from .errors import BadRequest, TenantLoadFailed, TenantNotFound
@@ -90,6 +91,12 @@ class Supervisor:
         self.sandboxes = sandboxes
         self.registry = registry
 
+        def rate(tenant_id: str) -> tuple[float, float]:
+            limits = registry.limits(tenant_id)
+            return float(limits.create_rate), float(limits.create_burst)
+
+        self.rate_limiter = RateLimiter(engine.clock, rate)
+
     # -- tenants ---------------------------------------------------------------------
 
     def require_tenant(self, tenant_id: str) -> str:
@@ -108,6 +115,7 @@ class Supervisor:
             {"tenant_id": tenant_id, "code_version": version},
             engine=self.engine,
             current_version=lambda: self.require_tenant(tenant_id),
+            admit=lambda count: self.rate_limiter.admit(tenant_id, count),
         )
 
     async def tenants(self) -> list[dict[str, Any]]:
@@ -249,6 +257,7 @@ async def open_supervisor(
                 clock=clock,
                 max_concurrency=config.max_concurrency,
                 current_version=lambda tenant_id: box[0].registry.current_version(tenant_id),
+                tenant_concurrency=lambda t: box[0].registry.limits(t).max_concurrency,
             )
 
             async def persist(tenant_id: str, version: str, files: bytes) -> None:
