@@ -1,0 +1,735 @@
+"""PostgreSQL storage: any number of supervisors share one database (SPEC 10).
+
+Two connections per store, each behind its own lock (the engine calls from threads):
+
+* the **writer** (autocommit off, READ COMMITTED): ``write(units)`` is one transaction,
+  committed once. Units run optimistically without savepoints; if one fails, the
+  transaction is rolled back and the batch runs again with a ``SAVEPOINT`` around each
+  unit, so a failing unit never undoes the others (the scheme of the SQLite store).
+* the **reader** (REPEATABLE READ, READ ONLY): ``read(fn)`` runs ``fn`` on one snapshot.
+
+Fencing: ``put_step`` with a token locks the instance row (``FOR NO KEY UPDATE``) in the
+same statement that writes the step, and ``update_instance(token=...)`` is a single
+``UPDATE ... WHERE run_token = token``. A supervisor that bumps the token waits for
+(or is waited on by) any writer still holding the row, and PostgreSQL re-checks the
+token on the newest row version, so a stale token can never write: ``LeaseLost``.
+
+The schema is created and migrated by the program, versioned in ``tenantflow_meta``,
+inside one transaction holding ``pg_advisory_xact_lock``: several supervisors may start
+on the same database (or schema) at once. An up-to-date schema is only checked (no lock,
+no DDL, so a role without CREATE privilege can run the supervisor). ``schema=`` (or
+``options=-csearch_path=NAME`` in the URL) keeps everything in one schema, created when
+missing.
+
+Every database error is reported as ``StorageError`` (connection loss included); the
+store does not reconnect by itself.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, Final, TypeVar
+
+import msgpack
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.pq import TransactionStatus
+
+from sandbox.protocol import ErrorInfo, StepKind, StepStatus
+
+from ._models import InstanceRecord, InstanceStatus, InstanceSummary, LogRecord, StepRecord
+from ._storage import UNSET, Outcome, Store, StoreTxn, Unit
+from .errors import InstanceAlreadyExists, LeaseLost, StorageError
+
+__all__ = ["SCHEMA_VERSION", "PostgresStore", "PostgresTxn"]
+
+T = TypeVar("T")
+Connection = psycopg.Connection[tuple[Any, ...]]
+
+#: The advisory-lock class id of migrations (the object id is the schema's hashtext).
+_MIGRATION_LOCK: Final = 0x74666D67  # "tfmg"
+
+_SCHEMA_V1: Final = """
+CREATE TABLE IF NOT EXISTS instances (
+    key BIGSERIAL PRIMARY KEY,
+    tenant_id TEXT NOT NULL,
+    instance_id TEXT NOT NULL,
+    workflow_name TEXT NOT NULL,
+    code_version TEXT NOT NULL,
+    status TEXT NOT NULL,
+    params BYTEA,
+    output BYTEA,
+    error_name TEXT,
+    error_message TEXT,
+    created_at DOUBLE PRECISION NOT NULL,
+    updated_at DOUBLE PRECISION NOT NULL,
+    wake_at DOUBLE PRECISION,
+    paused_at DOUBLE PRECISION,
+    run_token BIGINT NOT NULL DEFAULT 0,
+    priority INTEGER NOT NULL DEFAULT 1,
+    ready_at DOUBLE PRECISION NOT NULL,
+    UNIQUE (tenant_id, instance_id)
+);
+CREATE INDEX IF NOT EXISTS instances_queued ON instances (priority, ready_at, key)
+    WHERE status = 'queued';
+CREATE INDEX IF NOT EXISTS instances_wake ON instances (wake_at)
+    WHERE status = 'waiting' AND wake_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS instances_tenant_status ON instances (tenant_id, status, key);
+CREATE INDEX IF NOT EXISTS instances_tenant_queue ON instances (tenant_id, priority, ready_at, key)
+    WHERE status = 'queued';
+CREATE TABLE IF NOT EXISTS steps (
+    key BIGINT NOT NULL,
+    seq INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    status TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    started_at DOUBLE PRECISION,
+    ended_at DOUBLE PRECISION,
+    output BYTEA,
+    error_name TEXT,
+    error_message TEXT,
+    wake_at DOUBLE PRECISION,
+    event_type TEXT,
+    PRIMARY KEY (key, seq)
+);
+CREATE INDEX IF NOT EXISTS steps_pending ON steps (key, wake_at)
+    WHERE status IN ('waiting', 'retrying');
+CREATE TABLE IF NOT EXISTS events (
+    id BIGSERIAL PRIMARY KEY,
+    key BIGINT NOT NULL,
+    type TEXT NOT NULL,
+    payload BYTEA,
+    ts DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_type ON events (key, type, id);
+CREATE TABLE IF NOT EXISTS logs (
+    id BIGSERIAL PRIMARY KEY,
+    key BIGINT NOT NULL,
+    ts DOUBLE PRECISION NOT NULL,
+    level TEXT NOT NULL,
+    message TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS logs_by_instance ON logs (key, id);
+CREATE TABLE IF NOT EXISTS code_versions (
+    tenant_id TEXT NOT NULL,
+    version TEXT NOT NULL,
+    files BYTEA NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (tenant_id, version)
+);
+"""
+
+#: ``(version, DDL)`` in order; a database at version N gets every later step applied.
+MIGRATIONS: Final[tuple[tuple[int, str], ...]] = ((1, _SCHEMA_V1),)
+SCHEMA_VERSION: Final = MIGRATIONS[-1][0]
+
+_INSTANCE_COLUMNS: Final = (
+    "key, tenant_id, instance_id, workflow_name, code_version, status, params, output,"
+    " error_name, error_message, created_at, updated_at, wake_at, paused_at, run_token"
+)
+_STEP_COLUMNS: Final = (
+    "seq, name, count, kind, status, attempts, started_at, ended_at, output, error_name,"
+    " error_message, wake_at, event_type"
+)
+_STEP_INSERT: Final = (
+    "INSERT INTO steps (key, seq, name, count, kind, status, attempts, started_at, ended_at,"
+    " output, error_name, error_message, wake_at, event_type)"
+)
+_STEP_UPSERT: Final = (
+    " ON CONFLICT (key, seq) DO UPDATE SET name = EXCLUDED.name, count = EXCLUDED.count,"
+    " kind = EXCLUDED.kind, status = EXCLUDED.status, attempts = EXCLUDED.attempts,"
+    " started_at = EXCLUDED.started_at, ended_at = EXCLUDED.ended_at,"
+    " output = EXCLUDED.output, error_name = EXCLUDED.error_name,"
+    " error_message = EXCLUDED.error_message, wake_at = EXCLUDED.wake_at,"
+    " event_type = EXCLUDED.event_type"
+)
+# Fenced: the instance row is locked and its token checked by the statement that writes
+# the step; the lock is held until COMMIT, so nobody re-leases the instance in between.
+_PUT_STEP_FENCED: Final = (
+    "WITH fence AS (SELECT key FROM instances WHERE key = %s AND run_token = %s"
+    " FOR NO KEY UPDATE) "
+    + _STEP_INSERT
+    + " SELECT fence.key, %s::integer, %s::text, %s::integer, %s::text, %s::text,"
+    " %s::integer, %s::double precision, %s::double precision, %s::bytea, %s::text,"
+    " %s::text, %s::double precision, %s::text FROM fence" + _STEP_UPSERT
+)
+_PUT_STEP: Final = (
+    _STEP_INSERT + " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)" + _STEP_UPSERT
+)
+
+_SEARCH_PATH_OPTION: Final = re.compile(r"(?:-c\s*|--)search_path=(\S+)")
+
+
+def _pack(value: Any) -> bytes:
+    packed: bytes = msgpack.packb(value, use_bin_type=True)
+    return packed
+
+
+def _unpack(blob: bytes | None) -> Any:
+    return None if blob is None else msgpack.unpackb(blob, raw=False, strict_map_key=False)
+
+
+def _text(value: str) -> str:
+    """Free text for a TEXT column, which cannot hold NUL: NUL becomes U+FFFD."""
+    return value.replace("\x00", "\ufffd") if "\x00" in value else value
+
+
+def _error(name: str | None, message: str | None) -> ErrorInfo | None:
+    return None if name is None else ErrorInfo(name, message or "")
+
+
+def _instance(row: tuple[Any, ...]) -> InstanceRecord:
+    return InstanceRecord(
+        key=row[0],
+        tenant_id=row[1],
+        instance_id=row[2],
+        workflow_name=row[3],
+        code_version=row[4],
+        status=InstanceStatus(row[5]),
+        params=_unpack(row[6]),
+        output=_unpack(row[7]),
+        error=_error(row[8], row[9]),
+        created_at=row[10],
+        updated_at=row[11],
+        wake_at=row[12],
+        paused_at=row[13],
+        run_token=row[14],
+    )
+
+
+def _step(row: tuple[Any, ...]) -> StepRecord:
+    return StepRecord(
+        seq=row[0],
+        name=row[1],
+        count=row[2],
+        kind=StepKind(row[3]),
+        status=StepStatus(row[4]),
+        attempts=row[5],
+        started_at=row[6],
+        ended_at=row[7],
+        output=_unpack(row[8]),
+        error=_error(row[9], row[10]),
+        wake_at=row[11],
+        event_type=row[12],
+    )
+
+
+def _schema_from_url(url: str) -> str | None:
+    """The first schema of ``options=-csearch_path=...`` in the URL, if it names one."""
+    try:
+        options = conninfo_to_dict(url).get("options")
+    except psycopg.ProgrammingError as exc:
+        raise StorageError(f"invalid PostgreSQL URL: {exc}") from exc
+    if not isinstance(options, str):
+        return None
+    match = _SEARCH_PATH_OPTION.search(options)
+    if match is None:
+        return None
+    first = match.group(1).split(",")[0].strip()
+    if first.startswith('"') and first.endswith('"') and len(first) >= 2:
+        first = first[1:-1].replace('""', '"')
+    return None if first in ("", "$user") else first
+
+
+class PostgresTxn(StoreTxn):
+    """The domain operations on one PostgreSQL connection inside a transaction."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._c = conn
+
+    def insert_instance(
+        self,
+        tenant_id: str,
+        instance_id: str,
+        workflow_name: str,
+        code_version: str,
+        params: Any,
+        now: float,
+    ) -> int:
+        # ON CONFLICT DO NOTHING rather than catching UniqueViolation: a duplicate is
+        # reported without an error, so the transaction is never left aborted.
+        row = self._c.execute(
+            "INSERT INTO instances (tenant_id, instance_id, workflow_name, code_version,"
+            " status, params, created_at, updated_at, ready_at, priority)"
+            " VALUES (%s, %s, %s, %s, 'queued', %s, %s, %s, %s, 1)"
+            " ON CONFLICT (tenant_id, instance_id) DO NOTHING RETURNING key",
+            (tenant_id, instance_id, workflow_name, code_version, _pack(params), now, now, now),
+        ).fetchone()
+        if row is None:
+            raise InstanceAlreadyExists(tenant_id, instance_id)
+        key: int = row[0]
+        return key
+
+    def get_instance(self, tenant_id: str, instance_id: str) -> InstanceRecord | None:
+        row = self._c.execute(
+            f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE tenant_id = %s AND instance_id = %s",
+            (tenant_id, instance_id),
+        ).fetchone()
+        return None if row is None else _instance(row)
+
+    def get_status(self, key: int) -> InstanceStatus | None:
+        row = self._c.execute("SELECT status FROM instances WHERE key = %s", (key,)).fetchone()
+        return None if row is None else InstanceStatus(row[0])
+
+    def due_steps(self, key: int, now: float) -> list[StepRecord]:
+        rows = self._c.execute(
+            f"SELECT {_STEP_COLUMNS} FROM steps WHERE key = %s"
+            " AND status IN ('waiting', 'retrying') AND wake_at <= %s ORDER BY seq",
+            (key, now),
+        ).fetchall()
+        return [_step(r) for r in rows]
+
+    def get_instance_by_key(self, key: int) -> InstanceRecord | None:
+        row = self._c.execute(
+            f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE key = %s", (key,)
+        ).fetchone()
+        return None if row is None else _instance(row)
+
+    def update_instance(
+        self,
+        key: int,
+        now: float,
+        *,
+        token: int | None = None,
+        status: InstanceStatus = UNSET,
+        output: Any = UNSET,
+        error: Any = UNSET,
+        wake_at: float | None = UNSET,
+        paused_at: float | None = UNSET,
+        code_version: str = UNSET,
+        new_token: bool = False,
+        priority: int = UNSET,
+    ) -> int:
+        sets = ["updated_at = %s"]
+        args: list[Any] = [now]
+        if status is not UNSET:
+            sets.append("status = %s")
+            args.append(status.value)
+        if output is not UNSET:
+            sets.append("output = %s")
+            args.append(None if output is None else _pack(output))
+        if error is not UNSET:
+            sets += ["error_name = %s", "error_message = %s"]
+            args += [None, None] if error is None else [_text(error.name), _text(error.message)]
+        if wake_at is not UNSET:
+            sets.append("wake_at = %s")
+            args.append(wake_at)
+        if paused_at is not UNSET:
+            sets.append("paused_at = %s")
+            args.append(paused_at)
+        if code_version is not UNSET:
+            sets.append("code_version = %s")
+            args.append(code_version)
+        if priority is not UNSET:
+            sets += ["priority = %s", "ready_at = %s"]
+            args += [priority, now]
+        if new_token:
+            sets.append("run_token = run_token + 1")
+        where = "key = %s"
+        args.append(key)
+        if token is not None:
+            # A single UPDATE: PostgreSQL re-checks the token on the newest row version
+            # after waiting for a concurrent writer, so a stale token never matches.
+            where += " AND run_token = %s"
+            args.append(token)
+        row = self._c.execute(
+            f"UPDATE instances SET {', '.join(sets)} WHERE {where} RETURNING run_token", args
+        ).fetchone()
+        if row is None:
+            raise LeaseLost(f"instance {key} is no longer held with token {token}")
+        result: int = row[0]
+        return result
+
+    def claim_queued(self, key: int, now: float) -> InstanceRecord | None:
+        row = self._c.execute(
+            "UPDATE instances SET status = 'running', run_token = run_token + 1, updated_at = %s"
+            f" WHERE key = %s AND status = 'queued' RETURNING {_INSTANCE_COLUMNS}",
+            (now, key),
+        ).fetchone()
+        return None if row is None else _instance(row)
+
+    def queued_keys(self, limit: int) -> list[int]:
+        rows = self._c.execute(
+            "SELECT key FROM instances WHERE status = 'queued'"
+            " ORDER BY priority, ready_at, key LIMIT %s",
+            (limit,),
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def queued_for_tenant(self, tenant_id: str, limit: int) -> list[tuple[int, int]]:
+        rows = self._c.execute(
+            "SELECT key, priority FROM instances WHERE tenant_id = %s AND status = 'queued'"
+            " ORDER BY priority, ready_at, key LIMIT %s",
+            (tenant_id, limit),
+        ).fetchall()
+        return [(r[0], r[1]) for r in rows]
+
+    def queued_tenants(self, limit: int) -> list[str]:
+        rows = self._c.execute(
+            "SELECT DISTINCT tenant_id FROM instances WHERE status = 'queued' LIMIT %s", (limit,)
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def due_keys(self, now: float, limit: int) -> list[tuple[int, str]]:
+        rows = self._c.execute(
+            "SELECT key, tenant_id FROM instances WHERE status = 'waiting'"
+            " AND wake_at IS NOT NULL AND wake_at <= %s ORDER BY wake_at, key LIMIT %s",
+            (now, limit),
+        ).fetchall()
+        return [(r[0], r[1]) for r in rows]
+
+    def next_wake_at(self) -> float | None:
+        row = self._c.execute(
+            "SELECT min(wake_at) FROM instances WHERE status = 'waiting' AND wake_at IS NOT NULL"
+        ).fetchone()
+        return None if row is None else row[0]
+
+    def recover_running(self, now: float) -> int:
+        paused = self._c.execute(
+            "UPDATE instances SET status = 'paused', paused_at = %s, updated_at = %s,"
+            " run_token = run_token + 1 WHERE status = 'waitingForPause'",
+            (now, now),
+        ).rowcount
+        queued = self._c.execute(
+            "UPDATE instances SET status = 'queued', priority = 0, ready_at = %s,"
+            " updated_at = %s, run_token = run_token + 1 WHERE status = 'running'",
+            (now, now),
+        ).rowcount
+        return paused + queued
+
+    def list_instances(
+        self, tenant_id: str, status: str | None, limit: int, after_key: int | None
+    ) -> list[tuple[int, InstanceSummary]]:
+        query = "SELECT key, instance_id, status, created_at, updated_at FROM instances"
+        query += " WHERE tenant_id = %s"
+        args: list[Any] = [tenant_id]
+        if status is not None:
+            query += " AND status = %s"
+            args.append(status)
+        if after_key is not None:
+            query += " AND key < %s"
+            args.append(after_key)
+        query += " ORDER BY key DESC LIMIT %s"
+        args.append(limit)
+        return [
+            (r[0], InstanceSummary(r[1], InstanceStatus(r[2]), r[3], r[4]))
+            for r in self._c.execute(query, args).fetchall()
+        ]
+
+    def count_by_status(self, tenant_id: str | None) -> dict[str, int]:
+        if tenant_id is None:
+            cur = self._c.execute("SELECT status, count(*) FROM instances GROUP BY status")
+        else:
+            cur = self._c.execute(
+                "SELECT status, count(*) FROM instances WHERE tenant_id = %s GROUP BY status",
+                (tenant_id,),
+            )
+        return {r[0]: r[1] for r in cur.fetchall()}
+
+    def load_steps(self, key: int) -> list[StepRecord]:
+        rows = self._c.execute(
+            f"SELECT {_STEP_COLUMNS} FROM steps WHERE key = %s ORDER BY seq", (key,)
+        ).fetchall()
+        return [_step(r) for r in rows]
+
+    def get_step(self, key: int, seq: int) -> StepRecord | None:
+        row = self._c.execute(
+            f"SELECT {_STEP_COLUMNS} FROM steps WHERE key = %s AND seq = %s", (key, seq)
+        ).fetchone()
+        return None if row is None else _step(row)
+
+    def put_step(self, key: int, token: int | None, step: StepRecord) -> None:
+        values = (
+            step.seq,
+            step.name,
+            step.count,
+            step.kind.value,
+            step.status.value,
+            step.attempts,
+            step.started_at,
+            step.ended_at,
+            None if step.output is None else _pack(step.output),
+            _text(step.error.name) if step.error else None,
+            _text(step.error.message) if step.error else None,
+            step.wake_at,
+            step.event_type,
+        )
+        if token is None:
+            self._c.execute(_PUT_STEP, (key, *values))
+            return
+        if self._c.execute(_PUT_STEP_FENCED, (key, token, *values)).rowcount == 0:
+            raise LeaseLost(f"instance {key} is no longer held with token {token}")
+
+    def delete_steps(self, key: int) -> None:
+        self._c.execute("DELETE FROM steps WHERE key = %s", (key,))
+        self._c.execute("DELETE FROM logs WHERE key = %s", (key,))
+
+    def find_waiting_event_step(self, key: int, event_type: str) -> StepRecord | None:
+        row = self._c.execute(
+            f"SELECT {_STEP_COLUMNS} FROM steps WHERE key = %s AND status = 'waiting'"
+            " AND kind = 'waitForEvent' AND event_type = %s ORDER BY seq LIMIT 1",
+            (key, event_type),
+        ).fetchone()
+        return None if row is None else _step(row)
+
+    def pending_wake(self, key: int) -> tuple[int, float | None]:
+        row = self._c.execute(
+            "SELECT count(*), min(wake_at) FROM steps WHERE key = %s"
+            " AND status IN ('waiting', 'retrying')",
+            (key,),
+        ).fetchone()
+        return (row[0], row[1]) if row is not None else (0, None)
+
+    def shift_step_wakes(self, key: int, delta: float) -> None:
+        self._c.execute(
+            "UPDATE steps SET wake_at = wake_at + %s::double precision WHERE key = %s"
+            " AND wake_at IS NOT NULL AND status IN ('waiting', 'retrying')",
+            (delta, key),
+        )
+
+    def push_event(self, key: int, event_type: str, payload: Any, ts: float) -> None:
+        self._c.execute(
+            "INSERT INTO events (key, type, payload, ts) VALUES (%s, %s, %s, %s)",
+            (key, event_type, _pack(payload), ts),
+        )
+
+    def pop_event(self, key: int, event_type: str) -> tuple[Any, float] | None:
+        row = self._c.execute(
+            "DELETE FROM events WHERE id = (SELECT id FROM events WHERE key = %s AND type = %s"
+            " ORDER BY id LIMIT 1) RETURNING payload, ts",
+            (key, event_type),
+        ).fetchone()
+        return None if row is None else (_unpack(row[0]), row[1])
+
+    def append_logs(self, key: int, lines: Sequence[tuple[float, str, str]]) -> None:
+        if not lines:
+            return
+        with self._c.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO logs (key, ts, level, message) VALUES (%s, %s, %s, %s)",
+                [(key, ts, level, _text(message)) for ts, level, message in lines],
+            )
+
+    def read_logs(self, key: int, after_id: int, limit: int) -> list[LogRecord]:
+        rows = self._c.execute(
+            "SELECT id, ts, level, message FROM logs WHERE key = %s AND id > %s"
+            " ORDER BY id LIMIT %s",
+            (key, after_id, limit),
+        ).fetchall()
+        return [LogRecord(*r) for r in rows]
+
+    def put_code_version(self, tenant_id: str, version: str, files: bytes, now: float) -> None:
+        self._c.execute(
+            "INSERT INTO code_versions (tenant_id, version, files, created_at)"
+            " VALUES (%s, %s, %s, %s) ON CONFLICT (tenant_id, version) DO NOTHING",
+            (tenant_id, version, files, now),
+        )
+
+    def get_code_version(self, tenant_id: str, version: str) -> bytes | None:
+        row = self._c.execute(
+            "SELECT files FROM code_versions WHERE tenant_id = %s AND version = %s",
+            (tenant_id, version),
+        ).fetchone()
+        return None if row is None else bytes(row[0])
+
+
+class PostgresStore(Store):
+    """A PostgreSQL database: one writer connection, one reader connection.
+
+    ``url`` is a libpq URL or conninfo string. ``schema`` puts every table in that
+    schema (created when missing); without it, the first schema of the URL's
+    ``options=-csearch_path=...`` is used, else the server's current schema.
+    """
+
+    def __init__(self, url: str, *, schema: str | None = None) -> None:
+        self.url = url
+        self._set_path = schema is not None
+        self.schema: str | None = schema if schema is not None else _schema_from_url(url)
+        self._write_lock = threading.Lock()
+        self._read_lock = threading.Lock()
+        self._closed = False
+        self._writer = self._connect()
+        try:
+            self._migrate()
+            self._reader = self._connect()
+            self._reader.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            self._reader.read_only = True
+        except BaseException:
+            self._writer.close()
+            raise
+
+    def _connect(self) -> Connection:
+        try:
+            conn = psycopg.connect(self.url, autocommit=True)
+        except psycopg.Error as exc:
+            raise StorageError(f"cannot connect to PostgreSQL: {exc}") from exc
+        try:
+            if self._set_path:
+                assert self.schema is not None
+                path = sql.Identifier(self.schema).as_string(conn)
+                conn.execute("SELECT pg_catalog.set_config('search_path', %s, false)", (path,))
+            conn.autocommit = False
+            conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
+        except psycopg.Error as exc:
+            conn.close()
+            raise StorageError(f"cannot set up the PostgreSQL connection: {exc}") from exc
+        return conn
+
+    def _migrate(self) -> None:
+        conn = self._writer
+        try:
+            schema = self.schema
+            if schema is None:
+                row = conn.execute("SELECT current_schema()").fetchone()
+                schema = None if row is None else row[0]
+                if schema is None:
+                    raise StorageError(
+                        "PostgreSQL has no schema to create tables in: none of search_path "
+                        "exists; pass schema= or options=-csearch_path=NAME in the URL"
+                    )
+            # Fast path, no DDL and no lock (a role without CREATE privilege may start).
+            if self._schema_version(schema) != SCHEMA_VERSION:
+                # One migrator at a time per schema; the others wait, then find it done.
+                conn.execute(
+                    f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK}, hashtext(%s))", (schema,)
+                )
+                self._upgrade(schema)
+            conn.commit()
+        except psycopg.Error as exc:
+            _rollback(conn)
+            raise StorageError(f"PostgreSQL schema migration failed: {exc}") from exc
+        except BaseException:
+            _rollback(conn)
+            raise
+
+    def _schema_version(self, schema: str) -> int:
+        """The version recorded in ``tenantflow_meta`` (0: none); refuses a newer one."""
+        conn = self._writer
+        row = conn.execute("SELECT to_regclass('tenantflow_meta') IS NOT NULL").fetchone()
+        if row is None or not row[0]:
+            return 0
+        row = conn.execute("SELECT value FROM tenantflow_meta WHERE key = 'schema'").fetchone()
+        current = 0 if row is None else int(row[0])
+        if current > SCHEMA_VERSION:
+            raise StorageError(
+                f"the database (schema {schema!r}) has schema version {current}, newer than "
+                f"this tenantflow ({SCHEMA_VERSION}); upgrade tenantflow"
+            )
+        return current
+
+    def _upgrade(self, schema: str) -> None:
+        """Create or migrate the schema; the caller holds the migration lock."""
+        conn = self._writer
+        if self.schema is not None:
+            exists = conn.execute(
+                "SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = %s", (schema,)
+            ).fetchone()
+            if exists is None:
+                conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+        current = self._schema_version(schema)  # again: another migrator may have run
+        if current == SCHEMA_VERSION:
+            return
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS tenantflow_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
+        )
+        for version, ddl in MIGRATIONS:
+            if version > current:
+                conn.execute(ddl)
+        conn.execute(
+            "INSERT INTO tenantflow_meta (key, value) VALUES ('schema', %s)"
+            " ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+            (str(SCHEMA_VERSION),),
+        )
+
+    def write(self, units: Sequence[Unit]) -> list[Outcome]:
+        with self._write_lock:
+            # Optimistic: units almost never fail, so run them without savepoints (two
+            # round trips less per unit). If one does fail, roll back and run the batch
+            # again with a savepoint around each unit, so the others still commit.
+            outcomes = self._write_batch(units, isolated=False)
+            if any(o.error is not None for o in outcomes):
+                outcomes = self._write_batch(units, isolated=True)
+            return outcomes
+
+    def _write_batch(self, units: Sequence[Unit], *, isolated: bool) -> list[Outcome]:
+        conn = self._writer
+        txn = PostgresTxn(conn)
+        outcomes: list[Outcome] = []
+        try:
+            for unit in units:
+                if isolated:
+                    conn.execute("SAVEPOINT unit")
+                try:
+                    value = unit(txn)
+                    if conn.info.transaction_status == TransactionStatus.INERROR:
+                        raise StorageError("the unit caught a database error and went on")
+                except Exception as exc:
+                    if conn.broken or conn.closed:
+                        raise StorageError(f"PostgreSQL connection lost or closed: {exc}") from exc
+                    error = _storage_error(exc)
+                    if not isolated:
+                        _rollback(conn)
+                        return [Outcome(error=error)]
+                    conn.execute("ROLLBACK TO SAVEPOINT unit")
+                    conn.execute("RELEASE SAVEPOINT unit")
+                    outcomes.append(Outcome(error=error))
+                else:
+                    if isolated:
+                        conn.execute("RELEASE SAVEPOINT unit")
+                    outcomes.append(Outcome(value=value))
+            conn.commit()
+        except psycopg.Error as exc:
+            _rollback(conn)
+            raise StorageError(f"PostgreSQL write failed: {exc}") from exc
+        except BaseException:
+            _rollback(conn)
+            raise
+        return outcomes
+
+    def read(self, fn: Callable[[StoreTxn], T]) -> T:
+        with self._read_lock:
+            conn = self._reader
+            try:
+                result = fn(PostgresTxn(conn))
+                conn.rollback()  # read-only: ending it either way releases the snapshot
+            except psycopg.Error as exc:
+                _rollback(conn)
+                raise StorageError(f"PostgreSQL read failed: {exc}") from exc
+            except BaseException:
+                _rollback(conn)
+                raise
+            return result
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for conn in (self._reader, self._writer):
+            try:
+                conn.close()
+            except psycopg.Error:
+                pass
+
+
+def _rollback(conn: Connection) -> None:
+    """Roll back whatever is open; a dead connection has nothing left to roll back."""
+    if conn.closed:
+        return
+    try:
+        conn.rollback()
+    except psycopg.Error:
+        pass
+
+
+def _storage_error(exc: Exception) -> Exception:
+    """A unit's error as its caller sees it: database errors become StorageError."""
+    if isinstance(exc, psycopg.Error):
+        wrapped = StorageError(f"PostgreSQL error: {exc}")
+        wrapped.__cause__ = exc
+        return wrapped
+    return exc
