@@ -10,12 +10,24 @@ Nothing the engine needs in order to resume lives only in memory: statuses, the
 journal, buffered events and timers are rows. Memory holds only what is running now
 (``Session``) and caches that can be rebuilt; a restart after SIGKILL calls
 ``recover_running`` and carries on from the database.
+
+On a shared store (PostgreSQL, several supervisors) a fourth task runs::
+
+    leases      renews every lease this supervisor holds (one statement, every
+                lease_seconds / 3); an activation whose instance was taken over is
+                aborted; instances whose lease expired (their supervisor died or
+                stalled) go back to the queue
+
+and recovery at start takes only expired leases (``recover_expired``), never the live
+instances of the other supervisors. Leases decide who *should* run an instance; the
+fencing token (``run_token``) guarantees that nobody else *can* write it.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
+import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -63,6 +75,7 @@ from .errors import (
     InvalidInstanceState,
     LeaseLost,
     PayloadTooLarge,
+    StorageError,
     TenantNotFound,
 )
 
@@ -76,10 +89,16 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+log = logging.getLogger("tenantflow.engine")
 DEFAULT_WORKFLOW: Final = "TenantWorkflow"
 #: Crashes in a row, outside any step and without progress, before an instance fails.
 MAX_CRASHES: Final = 5
 _WAKE_BATCH: Final = 500
+#: Default lease of a running instance on a shared store (SPEC 10: ``--lease-seconds``).
+DEFAULT_LEASE_SECONDS: Final = 15.0
+#: On a shared store, the longest the timer loop sleeps without reading the database:
+#: another supervisor may have set an earlier timer (and died before firing it).
+_SHARED_TIMER_POLL_SECONDS: Final = 2.0
 
 
 #: Upper bounds (seconds) of the step latency histogram's buckets.
@@ -158,9 +177,18 @@ class Engine:
         max_steps: int = DEFAULT_MAX_STEPS,
         current_version: Callable[[str], str | None] | None = None,
         tenant_concurrency: Callable[[str], int] | None = None,
+        owner: str | None = None,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be at least 1")
+        if not lease_seconds > 0:
+            raise ValueError("lease_seconds must be positive")
+        #: This supervisor's id: the owner of the leases it takes.
+        self.owner = owner or uuid.uuid4().hex
+        self.lease_seconds = float(lease_seconds)
+        #: Activations aborted because their instance's lease was lost (for tests/metrics).
+        self.leases_lost = 0
         self.store = store
         self.runner = runner
         self.clock = clock or WallClock()
@@ -195,10 +223,122 @@ class Engine:
             self._nursery = nursery
             await nursery.start(self.writer.run)
             now = self.clock.now()
-            self.recovered = await self.writer.submit(lambda txn: txn.recover_running(now))
+            if self.store.shared:
+                # Others may be running instances right now: take only expired leases.
+                recovered = await self.writer.submit(lambda txn: txn.recover_expired(now))
+                self.recovered = len(recovered)
+                nursery.start_soon(self._lease_loop)
+            else:
+                # The store is ours alone (SQLite's file lock): whatever runs is a leftover.
+                self.recovered = await self.writer.submit(lambda txn: txn.recover_running(now))
             nursery.start_soon(self._timer_loop)
             nursery.start_soon(self.dispatcher.run)
             task_status.started()
+
+    async def _lease_loop(self) -> None:
+        """Renew our leases, abort what we lost, requeue what others lost (shared store)."""
+        period = self.lease_seconds / 3
+        while True:
+            await trio.sleep(period)
+            try:
+                await self.renew_leases()
+                await self.recover_expired()
+            except StorageError as exc:
+                # The database is unreachable: our writes fail too (and are fenced when it
+                # comes back, if our leases expired meanwhile). Keep trying.
+                log.warning("lease renewal failed: %s", exc)
+
+    async def renew_leases(self) -> list[int]:
+        """Renew every lease we hold; abort the activations whose instance we lost."""
+        before = dict(self._sessions)
+        lease, owner = self.lease_seconds, self.owner
+        held = dict(await self.writer.submit(lambda txn: txn.renew_leases(owner, lease)))
+        busy = self.busy_keys()
+        orphans = {key: token for key, token in held.items() if key not in busy}
+        if orphans:
+            await self._release_orphans(orphans)
+        doubtful = [
+            key
+            for key, session in before.items()
+            if held.get(key) != session.token and self._sessions.get(key) is session
+        ]
+        if not doubtful:
+            return []
+
+        def tokens(txn: StoreTxn) -> dict[int, int | None]:
+            records = {key: txn.get_instance_by_key(key) for key in doubtful}
+            return {key: None if r is None else r.run_token for key, r in records.items()}
+
+        # Not renewed: either it left running by its own writes (suspended, finished:
+        # its token is unchanged) or another supervisor re-leased it (token bumped).
+        current = await self._read(tokens)
+        lost = []
+        for key in doubtful:
+            session = self._sessions.get(key)
+            if session is None or session is not before[key] or current[key] == session.token:
+                continue
+            lost.append(key)
+            self.leases_lost += 1
+            log.warning(
+                "lost the lease of %s/%s: another supervisor holds it now; aborting",
+                session.tenant_id,
+                session.instance_id,
+            )
+            session.stopped = True  # it writes nothing more (fencing would refuse it anyway)
+            if session.channel is not None:
+                await session.channel.abort("lease lost")
+            session.scope.cancel()
+        return lost
+
+    async def _release_orphans(self, orphans: dict[int, int]) -> None:
+        """Leases we hold with no activation behind them (a write whose COMMIT outcome
+        was unknown, an activation that died on a storage error): give them back now
+        rather than renewing them forever. Fenced by the token we hold."""
+        now = self.clock.now()
+
+        def unit(txn: StoreTxn) -> list[tuple[int, str]]:
+            released = []
+            for key, token in orphans.items():
+                record = txn.get_instance_by_key(key)
+                if record is None or record.run_token != token:
+                    continue
+                if record.status is InstanceStatus.RUNNING:
+                    txn.update_instance(
+                        key,
+                        now,
+                        token=token,
+                        status=InstanceStatus.QUEUED,
+                        priority=0,
+                        new_token=True,
+                    )
+                elif record.status is InstanceStatus.WAITING_FOR_PAUSE:
+                    txn.update_instance(
+                        key,
+                        now,
+                        token=token,
+                        status=InstanceStatus.PAUSED,
+                        paused_at=now,
+                        new_token=True,
+                    )
+                else:
+                    continue
+                released.append((key, record.tenant_id))
+            return released
+
+        for key, tenant_id in await self.writer.submit(unit):
+            log.warning("released the lease of instance %s: no activation held it", key)
+            self.notify_change(key)
+            self.kick_dispatch(tenant_id)
+
+    async def recover_expired(self) -> list[tuple[int, str]]:
+        """Requeue instances whose lease expired, and tell the dispatcher."""
+        now = self.clock.now()
+        recovered = await self.writer.submit(lambda txn: txn.recover_expired(now))
+        for key, tenant_id in recovered:
+            self.recovered += 1
+            self.notify_change(key)
+            self.kick_dispatch(tenant_id)
+        return recovered
 
     async def drain(self, grace: float) -> bool:
         """Start nothing new; let running activations stop at their next step boundary.
@@ -608,15 +748,22 @@ class Engine:
     async def _run_instance(self, key: int, tenant_id: str) -> None:
         now = self.clock.now()
 
+        owner = self.owner if self.store.shared else None
+        lease = self.lease_seconds if self.store.shared else None
+
         def claim(txn: StoreTxn) -> tuple[InstanceRecord, list[StepRecord]] | None:
-            record = txn.claim_queued(key, now)
+            record = txn.claim_queued(key, now, owner, lease)
             return None if record is None else (record, txn.load_steps(key))
 
         try:
             claimed = await self.writer.submit(claim)
-        except BaseException:
+        except BaseException as exc:
             self._claiming.discard(key)
             self.dispatcher.release(tenant_id)
+            if isinstance(exc, StorageError) and self.store.shared:
+                # Claimed or not, nobody knows: if it was, the lease loop gives it back.
+                log.warning("claiming instance %s failed: %s", key, exc)
+                return
             raise
         if claimed is None:
             self._claiming.discard(key)
@@ -632,6 +779,15 @@ class Engine:
         self.notify_change(key)
         try:
             await self._drive(session, record, steps)
+        except StorageError as exc:
+            if not self.store.shared:
+                raise
+            # The database failed under this activation (e.g. a COMMIT with an unknown
+            # outcome): abandon it. The instance is still leased to us with no activation
+            # behind it; the lease loop gives it back to the queue.
+            log.warning(
+                "activation of %s/%s abandoned: %s", record.tenant_id, record.instance_id, exc
+            )
         finally:
             del self._sessions[key]
             ended, self._sessions_changed = self._sessions_changed, trio.Event()
@@ -749,7 +905,15 @@ class Engine:
             self._timer_dirty = False
             now = self.clock.now()
             due = functools.partial(_wake_due, now=now, limit=_WAKE_BATCH)
-            woken = await self.writer.submit(due)
+            try:
+                woken = await self.writer.submit(due)
+            except StorageError as exc:
+                if not self.store.shared:
+                    raise
+                log.warning("waking due timers failed (trying again): %s", exc)
+                await trio.sleep(1.0)
+                self._timer_dirty = True
+                continue
             for key, tenant_id in woken:
                 self.kick_dispatch(tenant_id)
                 self.notify_change(key)
@@ -761,6 +925,9 @@ class Engine:
             with trio.CancelScope() as scope:
                 self._timer_scope, self._timer_target = scope, target
                 self._timer_idle = True
+                if self.store.shared:
+                    # Timers set by other supervisors are not announced here: look again.
+                    scope.deadline = trio.current_time() + _SHARED_TIMER_POLL_SECONDS
                 try:
                     if target is None:
                         await trio.sleep_forever()

@@ -101,8 +101,15 @@ class StoreTxn(ABC):
         """
 
     @abstractmethod
-    def claim_queued(self, key: int, now: float) -> InstanceRecord | None:
-        """Move a ``queued`` instance to ``running`` under a new token; None if not queued."""
+    def claim_queued(
+        self, key: int, now: float, owner: str | None = None, lease_seconds: float | None = None
+    ) -> InstanceRecord | None:
+        """Move a ``queued`` instance to ``running`` under a new token; None if not queued.
+
+        ``owner`` (a supervisor id) takes a lease on it that ends ``lease_seconds`` from
+        now, measured by the database's clock on PostgreSQL (supervisors' clocks may
+        differ), by this machine's wall clock on SQLite.
+        """
 
     @abstractmethod
     def queued_keys(self, limit: int) -> list[int]:
@@ -126,7 +133,28 @@ class StoreTxn(ABC):
 
     @abstractmethod
     def recover_running(self, now: float) -> int:
-        """After a crash: running instances back to queued, waitingForPause to paused."""
+        """After a crash: running instances back to queued, waitingForPause to paused.
+
+        Only for a store that one supervisor owns alone (SQLite): every lease is its own.
+        """
+
+    @abstractmethod
+    def renew_leases(self, owner: str, lease_seconds: float) -> list[tuple[int, int]]:
+        """Extend every lease ``owner`` holds (one statement); ``(key, run_token)`` of each.
+
+        An instance of ``owner``'s that is not returned (or with another token) is no
+        longer held by it: another supervisor took it over, or it left running.
+        """
+
+    @abstractmethod
+    def recover_expired(self, now: float) -> list[tuple[int, str]]:
+        """Instances whose lease expired (or that have no owner) back to queued/paused.
+
+        ``running`` ones go back to ``queued`` (woken priority), ``waitingForPause`` ones
+        to ``paused``; both under a new fencing token, so their old holder can never write
+        them again. Returns ``(key, tenant_id)`` of each. Safe to run from many
+        supervisors at once: each expired instance is recovered once.
+        """
 
     @abstractmethod
     def list_instances(
@@ -201,6 +229,10 @@ class StoreTxn(ABC):
 
 class Store(ABC):
     """A database holding every instance, journal, event, timer and code version."""
+
+    #: Whether several supervisors may share this store (PostgreSQL): instances are then
+    #: held under leases that expire, and recovery takes only expired ones.
+    shared: bool = False
 
     @abstractmethod
     def write(self, units: Sequence[Unit]) -> list[Outcome]:

@@ -21,14 +21,28 @@ no DDL, so a role without CREATE privilege can run the supervisor). ``schema=`` 
 ``options=-csearch_path=NAME`` in the URL) keeps everything in one schema, created when
 missing.
 
-Every database error is reported as ``StorageError`` (connection loss included); the
-store does not reconnect by itself.
+Every database error is reported as ``StorageError``. A lost connection (the server
+restarted, the backend was terminated, the network dropped) is replaced by a new one,
+retried with a capped backoff for up to ``reconnect_timeout`` seconds (DBOS's
+``db_retry``: availability traded for correctness):
+
+* a read is simply run again on the new connection;
+* a write batch that lost its connection **before** COMMIT was sent is run again on
+  the new connection: PostgreSQL rolled the transaction back when the backend died, so
+  nothing of it was applied, and every unit re-reads what it depends on (statuses,
+  fencing tokens) in the new transaction, so it does what it would have done;
+* a write batch that lost its connection **during** COMMIT has an unknown outcome: it
+  may have been applied. Running it again blindly could apply it twice (a second
+  activation claim, a duplicate log line), so it fails with ``StorageError`` instead,
+  and the next batch gets a new connection.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Final, TypeVar
 
@@ -48,6 +62,21 @@ __all__ = ["SCHEMA_VERSION", "PostgresStore", "PostgresTxn"]
 
 T = TypeVar("T")
 Connection = psycopg.Connection[tuple[Any, ...]]
+log = logging.getLogger("tenantflow.storage")
+
+#: Reconnection backoff: first delay, cap, and the default time to keep trying.
+_RETRY_FIRST: Final = 0.05
+_RETRY_CAP: Final = 2.0
+DEFAULT_RECONNECT_TIMEOUT: Final = 60.0
+
+
+class _ConnectionLost(StorageError):
+    """The connection died under a batch; ``committing``: while COMMIT was in flight."""
+
+    def __init__(self, message: str, *, committing: bool) -> None:
+        super().__init__(message)
+        self.committing = committing
+
 
 #: The advisory-lock class id of migrations (the object id is the schema's hashtext).
 _MIGRATION_LOCK: Final = 0x74666D67  # "tfmg"
@@ -124,8 +153,19 @@ CREATE TABLE IF NOT EXISTS code_versions (
 );
 """
 
+#: Version 2: leases. ``owner`` is the supervisor holding a running instance,
+#: ``lease_expires_at`` when its hold ends unless renewed (the database's clock).
+_SCHEMA_V2: Final = """
+ALTER TABLE instances ADD COLUMN IF NOT EXISTS owner TEXT;
+ALTER TABLE instances ADD COLUMN IF NOT EXISTS lease_expires_at DOUBLE PRECISION;
+CREATE INDEX IF NOT EXISTS instances_leased ON instances (owner, key)
+    WHERE status IN ('running', 'waitingForPause');
+CREATE INDEX IF NOT EXISTS instances_lease_expiry ON instances (lease_expires_at)
+    WHERE status IN ('running', 'waitingForPause');
+"""
+
 #: ``(version, DDL)`` in order; a database at version N gets every later step applied.
-MIGRATIONS: Final[tuple[tuple[int, str], ...]] = ((1, _SCHEMA_V1),)
+MIGRATIONS: Final[tuple[tuple[int, str], ...]] = ((1, _SCHEMA_V1), (2, _SCHEMA_V2))
 SCHEMA_VERSION: Final = MIGRATIONS[-1][0]
 
 _INSTANCE_COLUMNS: Final = (
@@ -161,6 +201,10 @@ _PUT_STEP_FENCED: Final = (
 _PUT_STEP: Final = (
     _STEP_INSERT + " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)" + _STEP_UPSERT
 )
+
+#: The database's clock, in seconds since the epoch: leases are measured by one clock
+#: for every supervisor, whatever their machines' clocks say.
+_DB_NOW: Final = "extract(epoch from clock_timestamp())::double precision"
 
 _SEARCH_PATH_OPTION: Final = re.compile(r"(?:-c\s*|--)search_path=(\S+)")
 
@@ -345,13 +389,47 @@ class PostgresTxn(StoreTxn):
         result: int = row[0]
         return result
 
-    def claim_queued(self, key: int, now: float) -> InstanceRecord | None:
+    def claim_queued(
+        self, key: int, now: float, owner: str | None = None, lease_seconds: float | None = None
+    ) -> InstanceRecord | None:
+        # A single conditional UPDATE: of two supervisors claiming the same key, the second
+        # waits for the first's row lock, re-checks status = 'queued' and finds it running.
         row = self._c.execute(
-            "UPDATE instances SET status = 'running', run_token = run_token + 1, updated_at = %s"
+            "UPDATE instances SET status = 'running', run_token = run_token + 1, updated_at = %s,"
+            f" owner = %s, lease_expires_at = {_DB_NOW} + %s::double precision"
             f" WHERE key = %s AND status = 'queued' RETURNING {_INSTANCE_COLUMNS}",
-            (now, key),
+            (now, owner, lease_seconds, key),
         ).fetchone()
         return None if row is None else _instance(row)
+
+    def renew_leases(self, owner: str, lease_seconds: float) -> list[tuple[int, int]]:
+        rows = self._c.execute(
+            f"UPDATE instances SET lease_expires_at = {_DB_NOW} + %s::double precision"
+            " WHERE owner = %s AND status IN ('running', 'waitingForPause')"
+            " RETURNING key, run_token",
+            (lease_seconds, owner),
+        ).fetchall()
+        return [(r[0], r[1]) for r in rows]
+
+    def recover_expired(self, now: float) -> list[tuple[int, str]]:
+        # SKIP LOCKED: an instance another supervisor is recovering (or writing) right now
+        # is left to it; the rest are recovered here, each by exactly one supervisor.
+        rows = self._c.execute(
+            "WITH expired AS (SELECT key FROM instances"
+            " WHERE status IN ('running', 'waitingForPause')"
+            f" AND (owner IS NULL OR lease_expires_at IS NULL OR lease_expires_at < {_DB_NOW})"
+            " ORDER BY key FOR UPDATE SKIP LOCKED)"
+            " UPDATE instances i SET"
+            " status = CASE WHEN i.status = 'running' THEN 'queued' ELSE 'paused' END,"
+            " priority = CASE WHEN i.status = 'running' THEN 0 ELSE i.priority END,"
+            " ready_at = CASE WHEN i.status = 'running' THEN %s ELSE i.ready_at END,"
+            " paused_at = CASE WHEN i.status = 'running' THEN i.paused_at ELSE %s END,"
+            " updated_at = %s, run_token = i.run_token + 1, owner = NULL,"
+            " lease_expires_at = NULL FROM expired WHERE i.key = expired.key"
+            " RETURNING i.key, i.tenant_id",
+            (now, now, now),
+        ).fetchall()
+        return [(r[0], r[1]) for r in rows]
 
     def queued_keys(self, limit: int) -> list[int]:
         rows = self._c.execute(
@@ -376,9 +454,12 @@ class PostgresTxn(StoreTxn):
         return [r[0] for r in rows]
 
     def due_keys(self, now: float, limit: int) -> list[tuple[int, str]]:
+        # Locked until this transaction ends (the caller wakes them in it); SKIP LOCKED
+        # leaves the ones another supervisor is waking to it, so a timer fires once.
         rows = self._c.execute(
             "SELECT key, tenant_id FROM instances WHERE status = 'waiting'"
-            " AND wake_at IS NOT NULL AND wake_at <= %s ORDER BY wake_at, key LIMIT %s",
+            " AND wake_at IS NOT NULL AND wake_at <= %s ORDER BY wake_at, key LIMIT %s"
+            " FOR NO KEY UPDATE SKIP LOCKED",
             (now, limit),
         ).fetchall()
         return [(r[0], r[1]) for r in rows]
@@ -546,8 +627,19 @@ class PostgresStore(Store):
     ``options=-csearch_path=...`` is used, else the server's current schema.
     """
 
-    def __init__(self, url: str, *, schema: str | None = None) -> None:
+    shared = True
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        schema: str | None = None,
+        reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
+    ) -> None:
         self.url = url
+        self.reconnect_timeout = reconnect_timeout
+        #: How many times a lost connection was replaced (for tests and logs).
+        self.reconnects = 0
         self._set_path = schema is not None
         self.schema: str | None = schema if schema is not None else _schema_from_url(url)
         self._write_lock = threading.Lock()
@@ -556,12 +648,41 @@ class PostgresStore(Store):
         self._writer = self._connect()
         try:
             self._migrate()
-            self._reader = self._connect()
-            self._reader.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-            self._reader.read_only = True
+            self._reader = self._connect_reader()
         except BaseException:
             self._writer.close()
             raise
+
+    def _connect_reader(self) -> Connection:
+        conn = self._connect()
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        conn.read_only = True
+        return conn
+
+    def _reconnect(self, connect: Callable[[], Connection], lost: Connection) -> Connection:
+        """A new connection in place of ``lost``, retried with a capped backoff."""
+        try:
+            lost.close()
+        except psycopg.Error:
+            pass
+        deadline = time.monotonic() + self.reconnect_timeout
+        delay = _RETRY_FIRST
+        while True:
+            if self._closed:
+                raise StorageError("the store is closed")
+            try:
+                conn = connect()
+            except StorageError as exc:
+                if time.monotonic() + delay > deadline:
+                    raise StorageError(
+                        f"PostgreSQL unreachable for {self.reconnect_timeout:.0f}s: {exc}"
+                    ) from exc
+                log.warning("PostgreSQL connection lost; retrying in %.2fs: %s", delay, exc)
+                time.sleep(delay)
+                delay = min(_RETRY_CAP, delay * 2)
+                continue
+            self.reconnects += 1
+            return conn
 
     def _connect(self) -> Connection:
         try:
@@ -648,18 +769,36 @@ class PostgresStore(Store):
 
     def write(self, units: Sequence[Unit]) -> list[Outcome]:
         with self._write_lock:
-            # Optimistic: units almost never fail, so run them without savepoints (two
-            # round trips less per unit). If one does fail, roll back and run the batch
-            # again with a savepoint around each unit, so the others still commit.
-            outcomes = self._write_batch(units, isolated=False)
-            if any(o.error is not None for o in outcomes):
-                outcomes = self._write_batch(units, isolated=True)
-            return outcomes
+            while True:
+                if self._writer.closed or self._writer.broken:
+                    self._writer = self._reconnect(self._connect, self._writer)
+                try:
+                    return self._write_units(units)
+                except _ConnectionLost as exc:
+                    self._writer = self._reconnect(self._connect, self._writer)
+                    if exc.committing:
+                        # Applied or not, nobody knows: never apply it twice (see above).
+                        raise StorageError(
+                            "PostgreSQL connection lost during COMMIT: the outcome of this "
+                            "write is unknown"
+                        ) from exc
+                    # Lost before COMMIT: rolled back by the server, run it again.
+                    log.warning("PostgreSQL connection lost before COMMIT; writing again")
+
+    def _write_units(self, units: Sequence[Unit]) -> list[Outcome]:
+        # Optimistic: units almost never fail, so run them without savepoints (two
+        # round trips less per unit). If one does fail, roll back and run the batch
+        # again with a savepoint around each unit, so the others still commit.
+        outcomes = self._write_batch(units, isolated=False)
+        if any(o.error is not None for o in outcomes):
+            outcomes = self._write_batch(units, isolated=True)
+        return outcomes
 
     def _write_batch(self, units: Sequence[Unit], *, isolated: bool) -> list[Outcome]:
         conn = self._writer
         txn = PostgresTxn(conn)
         outcomes: list[Outcome] = []
+        committing = False
         try:
             for unit in units:
                 if isolated:
@@ -670,7 +809,9 @@ class PostgresStore(Store):
                         raise StorageError("the unit caught a database error and went on")
                 except Exception as exc:
                     if conn.broken or conn.closed:
-                        raise StorageError(f"PostgreSQL connection lost or closed: {exc}") from exc
+                        raise _ConnectionLost(
+                            f"PostgreSQL connection lost: {exc}", committing=False
+                        ) from exc
                     error = _storage_error(exc)
                     if not isolated:
                         _rollback(conn)
@@ -682,8 +823,13 @@ class PostgresStore(Store):
                     if isolated:
                         conn.execute("RELEASE SAVEPOINT unit")
                     outcomes.append(Outcome(value=value))
+            committing = True
             conn.commit()
         except psycopg.Error as exc:
+            if conn.broken or conn.closed:
+                raise _ConnectionLost(
+                    f"PostgreSQL connection lost: {exc}", committing=committing
+                ) from exc
             _rollback(conn)
             raise StorageError(f"PostgreSQL write failed: {exc}") from exc
         except BaseException:
@@ -693,17 +839,24 @@ class PostgresStore(Store):
 
     def read(self, fn: Callable[[StoreTxn], T]) -> T:
         with self._read_lock:
-            conn = self._reader
-            try:
-                result = fn(PostgresTxn(conn))
-                conn.rollback()  # read-only: ending it either way releases the snapshot
-            except psycopg.Error as exc:
-                _rollback(conn)
-                raise StorageError(f"PostgreSQL read failed: {exc}") from exc
-            except BaseException:
-                _rollback(conn)
-                raise
-            return result
+            while True:
+                if self._reader.closed or self._reader.broken:
+                    self._reader = self._reconnect(self._connect_reader, self._reader)
+                conn = self._reader
+                try:
+                    result = fn(PostgresTxn(conn))
+                    conn.rollback()  # read-only: ending it either way releases the snapshot
+                except psycopg.Error as exc:
+                    if conn.broken or conn.closed:
+                        # A read changes nothing: run it again on a new connection.
+                        self._reader = self._reconnect(self._connect_reader, conn)
+                        continue
+                    _rollback(conn)
+                    raise StorageError(f"PostgreSQL read failed: {exc}") from exc
+                except BaseException:
+                    _rollback(conn)
+                    raise
+                return result
 
     def close(self) -> None:
         if self._closed:

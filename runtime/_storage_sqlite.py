@@ -15,6 +15,7 @@ import fcntl
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -29,7 +30,14 @@ from .errors import InstanceAlreadyExists, LeaseLost, StorageError
 __all__ = ["SCHEMA_VERSION", "SqliteStore"]
 
 T = TypeVar("T")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+#: Columns added after version 1, as ``(version, table, column, type)`` (SQLite has no
+#: ``ADD COLUMN IF NOT EXISTS``: the migration looks at the table first).
+_ADDED_COLUMNS = (
+    (2, "instances", "owner", "TEXT"),
+    (2, "instances", "lease_expires_at", "REAL"),
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tenantflow_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -268,13 +276,44 @@ class SqliteTxn(StoreTxn):
         result: int = row[0]
         return result
 
-    def claim_queued(self, key: int, now: float) -> InstanceRecord | None:
+    def claim_queued(
+        self, key: int, now: float, owner: str | None = None, lease_seconds: float | None = None
+    ) -> InstanceRecord | None:
+        expires = None if lease_seconds is None else time.time() + lease_seconds
         row = self._c.execute(
-            "UPDATE instances SET status = 'running', run_token = run_token + 1, updated_at = ?"
+            "UPDATE instances SET status = 'running', run_token = run_token + 1, updated_at = ?,"
+            " owner = ?, lease_expires_at = ?"
             f" WHERE key = ? AND status = 'queued' RETURNING {_INSTANCE_COLUMNS}",
-            (now, key),
+            (now, owner, expires, key),
         ).fetchone()
         return None if row is None else _instance(row)
+
+    def renew_leases(self, owner: str, lease_seconds: float) -> list[tuple[int, int]]:
+        rows = self._c.execute(
+            "UPDATE instances SET lease_expires_at = ?"
+            " WHERE owner = ? AND status IN ('running', 'waitingForPause')"
+            " RETURNING key, run_token",
+            (time.time() + lease_seconds, owner),
+        ).fetchall()
+        return [(r[0], r[1]) for r in rows]
+
+    def recover_expired(self, now: float) -> list[tuple[int, str]]:
+        # One writer at a time (BEGIN IMMEDIATE): each expired instance is recovered once.
+        expired = (
+            "status IN ('running', 'waitingForPause')"
+            " AND (owner IS NULL OR lease_expires_at IS NULL OR lease_expires_at < ?)"
+        )
+        rows = self._c.execute(
+            "UPDATE instances SET"
+            " status = CASE WHEN status = 'running' THEN 'queued' ELSE 'paused' END,"
+            " priority = CASE WHEN status = 'running' THEN 0 ELSE priority END,"
+            " ready_at = CASE WHEN status = 'running' THEN ? ELSE ready_at END,"
+            " paused_at = CASE WHEN status = 'running' THEN paused_at ELSE ? END,"
+            " updated_at = ?, run_token = run_token + 1, owner = NULL, lease_expires_at = NULL"
+            f" WHERE {expired} RETURNING key, tenant_id",
+            (now, now, now, time.time()),
+        ).fetchall()
+        return sorted((r[0], r[1]) for r in rows)
 
     def queued_keys(self, limit: int) -> list[int]:
         rows = self._c.execute(
@@ -502,16 +541,30 @@ class SqliteStore(Store):
         # Every statement is IF NOT EXISTS, so this is safe to run on every start.
         conn.executescript(_SCHEMA)
         row = conn.execute("SELECT value FROM tenantflow_meta WHERE key = 'schema'").fetchone()
-        if row is None:
-            conn.execute(
-                "INSERT INTO tenantflow_meta (key, value) VALUES ('schema', ?)",
-                (str(SCHEMA_VERSION),),
-            )
-        elif int(row[0]) > SCHEMA_VERSION:
+        if row is not None and int(row[0]) > SCHEMA_VERSION:
             raise StorageError(
                 f"{self.path} has schema version {row[0]}, newer than this tenantflow "
                 f"({SCHEMA_VERSION}); upgrade tenantflow"
             )
+        if row is not None and int(row[0]) == SCHEMA_VERSION:
+            return
+        # A new file (version 1 tables just created) or an older one: add what is missing,
+        # then record the version, in one transaction (the file lock keeps others out).
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for _version, table, column, kind in _ADDED_COLUMNS:
+                columns = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+                if column not in columns:
+                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+            conn.execute(
+                "INSERT INTO tenantflow_meta (key, value) VALUES ('schema', ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (str(SCHEMA_VERSION),),
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
 
     def write(self, units: Sequence[Unit]) -> list[Outcome]:
         with self._write_lock:

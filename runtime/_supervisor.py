@@ -58,6 +58,7 @@ class SupervisorConfig:
     max_concurrency: int = 1000
     max_sandboxes: int = 64
     idle_timeout: float = 60.0
+    lease_seconds: float = 15.0  #: PostgreSQL: a running instance's lease (SPEC 10)
     loader: str | None = None  #: "module:callable", the platform's load_runner
     scan_interval: float = 1.0
 
@@ -256,6 +257,7 @@ async def open_supervisor(
                 create_dynamic_workflow_entrypoint(load_runner),
                 clock=clock,
                 max_concurrency=config.max_concurrency,
+                lease_seconds=config.lease_seconds,
                 current_version=lambda tenant_id: box[0].registry.current_version(tenant_id),
                 tenant_concurrency=lambda t: box[0].registry.limits(t).max_concurrency,
             )

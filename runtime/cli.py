@@ -167,6 +167,14 @@ def client_url(host: str, port: int) -> str:
     help="Seconds an idle sandbox lives before eviction (fractions allowed).",
 )
 @click.option(
+    "--lease-seconds",
+    type=click.FloatRange(min=0, min_open=True),
+    default=15.0,
+    show_default=True,
+    help="With PostgreSQL: how long a running instance stays ours without renewal "
+    "(renewed every third of it); another supervisor takes over after it expires.",
+)
+@click.option(
     "--loader",
     metavar="MODULE:CALLABLE",
     help="The platform's load_runner(metadata[, default=...]) instead of the built-in one.",
@@ -189,6 +197,7 @@ def serve(
     max_concurrency: int,
     max_sandboxes: int,
     idle_timeout: float,
+    lease_seconds: float,
     loader: str | None,
     grace: float,
 ) -> None:
@@ -223,6 +232,7 @@ def serve(
         max_concurrency=max_concurrency,
         max_sandboxes=max_sandboxes,
         idle_timeout=idle_timeout,
+        lease_seconds=lease_seconds,
         loader=loader,
     )
     logging.basicConfig(

@@ -196,7 +196,7 @@ def test_an_aborted_takeover_leaves_the_holder_its_lease(two: tuple[Store, Store
     assert [s.seq for s in b.read(lambda t: t.load_steps(key))] == [0]
 
 
-def test_a_lost_connection_is_a_storage_error(schema: str) -> None:
+def test_a_lost_connection_is_replaced_and_the_work_redone(schema: str) -> None:
     import psycopg
 
     from runtime._storage_postgres import PostgresStore
@@ -206,18 +206,32 @@ def test_a_lost_connection_is_a_storage_error(schema: str) -> None:
     try:
         w(store, lambda t: t.insert_instance(T, "i1", "Wf", "v1", None, 1.0))
         assert store.read(lambda t: t.count_by_status(None)) == {"queued": 1}
+        old = store_pids(store)
         with psycopg.connect(URL, autocommit=True) as admin:
-            admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid",
-                (store_pids(store),),
-            )
-        with pytest.raises(StorageError):
-            store.write([lambda t: t.insert_instance(T, "i2", "Wf", "v1", None, 1.0)])
-        with pytest.raises(StorageError):
-            store.read(lambda t: t.count_by_status(None))
-        # No reconnection (yet): it keeps saying so rather than hiding it.
-        with pytest.raises(StorageError):
+            admin.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", (old,))
+        # Both connections died idle: the write (lost before COMMIT) runs again on a new
+        # connection and is applied exactly once; the read runs again too.
+        key = w(store, lambda t: t.insert_instance(T, "i2", "Wf", "v1", None, 1.0))
+        assert store.read(lambda t: t.count_by_status(None)) == {"queued": 2}
+        assert w(store, lambda t: t.get_instance_by_key(key)).instance_id == "i2"
+        assert set(store_pids(store)).isdisjoint(old)
+        assert store.reconnects == 2
+    finally:
+        store.close()
+
+
+def test_an_unreachable_server_is_a_storage_error_after_the_timeout(schema: str) -> None:
+    from runtime._storage_postgres import PostgresStore
+
+    assert URL is not None
+    store = PostgresStore(URL, schema=schema, reconnect_timeout=0.5)
+    try:
+        store._writer.close()  # as if lost ...
+        store.url = "postgresql://postgres@127.0.0.1:1/none"  # ... and nowhere to go
+        started = time.monotonic()
+        with pytest.raises(StorageError, match="unreachable"):
             store.write([lambda t: t.get_status(1)])
+        assert time.monotonic() - started < 5
     finally:
         store.close()
 

@@ -201,7 +201,7 @@ def test_queued_per_tenant_and_queued_tenants(store: Store) -> None:
 
 
 def _due_keys(store: Store, now: float, limit: int) -> list[int]:
-    rows = r(store, lambda t: t.due_keys(now, limit))
+    rows = w(store, lambda t: t.due_keys(now, limit))  # locks rows on PostgreSQL: a write
     assert all(tenant == T for _, tenant in rows)
     return [key for key, _ in rows]
 
@@ -225,7 +225,7 @@ def test_due_keys_and_next_wake_at(store: Store) -> None:
     assert _due_keys(store, 1000.0, 2) == [soon, mid]
     other = new(store, "other", tenant="beta")
     set_status(store, other, S.WAITING, wake_at=150.0)
-    assert r(store, lambda t: t.due_keys(1000.0, 10)) == [
+    assert w(store, lambda t: t.due_keys(1000.0, 10)) == [
         (soon, T),
         (other, "beta"),
         (mid, T),
@@ -253,6 +253,60 @@ def test_recover_running_requeues_and_parks(store: Store) -> None:
     # Recovered instances are woken ones: they go first.
     assert r(store, lambda t: t.queued_keys(10)) == [running, queued]
     assert w(store, lambda t: t.recover_running(60.0)) == 0
+
+
+def test_claim_takes_a_lease_that_renewal_extends(store: Store, store_location: Any) -> None:
+    a = new(store, "a")
+    b = new(store, "b")
+    c = new(store, "c")
+    rec = w(store, lambda t: t.claim_queued(a, 2.0, "sup-1", 30.0))
+    assert rec is not None and rec.status is S.RUNNING
+    w(store, lambda t: t.claim_queued(b, 2.0, "sup-1", 30.0))
+    w(store, lambda t: t.claim_queued(c, 2.0, "sup-2", 30.0))
+    (before,) = store_location.sql(f"SELECT lease_expires_at FROM instances WHERE key = {a}")[0]
+    set_status(store, b, S.WAITING_FOR_PAUSE)
+    assert sorted(w(store, lambda t: t.renew_leases("sup-1", 60.0))) == [
+        (a, rec.run_token),
+        (b, rec.run_token),
+    ]
+    (after,) = store_location.sql(f"SELECT lease_expires_at FROM instances WHERE key = {a}")[0]
+    assert after > before + 20
+    set_status(store, a, S.WAITING, wake_at=9.0)  # left running: no longer renewed
+    assert w(store, lambda t: t.renew_leases("sup-1", 60.0)) == [(b, rec.run_token)]
+    assert w(store, lambda t: t.renew_leases("nobody", 60.0)) == []
+    # Nothing expired: recovery takes nothing from live supervisors.
+    assert w(store, lambda t: t.recover_expired(3.0)) == []
+
+
+def test_recover_expired_takes_only_expired_leases(store: Store, store_location: Any) -> None:
+    live = new(store, "live")
+    dead = new(store, "dead")
+    dead_pausing = new(store, "dead-pausing", tenant="beta")
+    ownerless = new(store, "ownerless")
+    waiting = new(store, "waiting")
+    live_token = w(store, lambda t: t.claim_queued(live, 2.0, "alive", 60.0)).run_token
+    dead_token = w(store, lambda t: t.claim_queued(dead, 2.0, "dead", 60.0)).run_token
+    w(store, lambda t: t.claim_queued(dead_pausing, 2.0, "dead", 60.0))
+    set_status(store, dead_pausing, S.WAITING_FOR_PAUSE)
+    claim(store, ownerless)  # no owner: nobody renews it
+    set_status(store, waiting, S.WAITING, wake_at=70.0)
+    store_location.sql("UPDATE instances SET lease_expires_at = 1.0 WHERE owner = 'dead'")
+    got = w(store, lambda t: t.recover_expired(50.0))
+    assert sorted(got) == sorted([(dead, T), (dead_pausing, "beta"), (ownerless, T)])
+    rec = r(store, lambda t: t.get_instance_by_key(dead))
+    assert (rec.status, rec.run_token, rec.updated_at) == (S.QUEUED, dead_token + 1, 50.0)
+    assert r(store, lambda t: t.get_status(dead_pausing)) is S.PAUSED
+    assert r(store, lambda t: t.get_instance_by_key(dead_pausing)).paused_at == 50.0
+    rec = r(store, lambda t: t.get_instance_by_key(live))
+    assert (rec.status, rec.run_token) == (S.RUNNING, live_token)
+    assert r(store, lambda t: t.get_status(waiting)) is S.WAITING
+    assert r(store, lambda t: t.queued_keys(10))[0] in (dead, ownerless)  # woken first
+    # The dead supervisor's token is stale now: its writes are refused.
+    with pytest.raises(LeaseLost):
+        w(store, lambda t: t.update_instance(dead, 51.0, token=dead_token, status=S.COMPLETE))
+    # And it no longer renews what it lost.
+    assert w(store, lambda t: t.renew_leases("dead", 60.0)) == []
+    assert w(store, lambda t: t.recover_expired(60.0)) == []
 
 
 # ------------------------------------------------------------------------------ listing
