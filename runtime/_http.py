@@ -230,7 +230,8 @@ class TenantflowApp:
     # ------------------------------------------------------------------ system
 
     async def _healthz(self, call: _Call) -> None:
-        await call.reply.json(200, {"ok": True})
+        # "supervisor": this supervisor's id, the owner of the leases it holds (SPEC 10).
+        await call.reply.json(200, {"ok": True, "supervisor": self.supervisor.engine.owner})
 
     async def _metrics(self, call: _Call) -> None:
         text = await render_metrics(self.supervisor)
