@@ -40,7 +40,7 @@ async def wait_status(engine, iid, *statuses):
 
 
 async def wait_thread_event(event: threading.Event):
-    assert await trio.to_thread.run_sync(event.wait, 10), "the thread never got there"
+    assert await trio.to_thread.run_sync(event.wait, 60), "the thread never got there"
 
 
 @asynccontextmanager
