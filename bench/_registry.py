@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from . import dbos_bench, engine_bench, sandbox_bench
+from . import dbos_bench, engine_bench, sandbox_bench, scale_bench
 from ._core import Benchmark
 
 __all__ = ["BENCHMARKS"]
@@ -24,4 +24,9 @@ BENCHMARKS: Final[tuple[Benchmark, ...]] = (
     sandbox_bench.processes_after_idle,
     sandbox_bench.sequential_step_overhead,
     sandbox_bench.concurrent_steps_per_second,
+    scale_bench.http_creations_per_second,
+    scale_bench.binding_creations_per_second,
+    scale_bench.ingress_latency,
+    scale_bench.many_tenants,
+    scale_bench.fair_queue_drain,
 )
