@@ -46,16 +46,21 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Final, TypeVar
 
-import msgpack
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
 
-from sandbox.protocol import ErrorInfo, StepKind, StepStatus
-
-from ._models import InstanceRecord, InstanceStatus, InstanceSummary, LogRecord, StepRecord
+from ._models import InstanceRecord, InstanceStatus, LogRecord, StepRecord
 from ._storage import UNSET, Outcome, Store, StoreTxn, Unit
+from ._storage_sql import (
+    _INSTANCE_COLUMNS,
+    _STEP_COLUMNS,
+    SqlTxn,
+    _instance,
+    _pack,
+    _step,
+)
 from .errors import InstanceAlreadyExists, LeaseLost, StorageError
 
 __all__ = ["SCHEMA_VERSION", "PostgresStore", "PostgresTxn"]
@@ -168,14 +173,6 @@ CREATE INDEX IF NOT EXISTS instances_lease_expiry ON instances (lease_expires_at
 MIGRATIONS: Final[tuple[tuple[int, str], ...]] = ((1, _SCHEMA_V1), (2, _SCHEMA_V2))
 SCHEMA_VERSION: Final = MIGRATIONS[-1][0]
 
-_INSTANCE_COLUMNS: Final = (
-    "key, tenant_id, instance_id, workflow_name, code_version, status, params, output,"
-    " error_name, error_message, created_at, updated_at, wake_at, paused_at, run_token"
-)
-_STEP_COLUMNS: Final = (
-    "seq, name, count, kind, status, attempts, started_at, ended_at, output, error_name,"
-    " error_message, wake_at, event_type"
-)
 _STEP_INSERT: Final = (
     "INSERT INTO steps (key, seq, name, count, kind, status, attempts, started_at, ended_at,"
     " output, error_name, error_message, wake_at, event_type)"
@@ -209,58 +206,9 @@ _DB_NOW: Final = "extract(epoch from clock_timestamp())::double precision"
 _SEARCH_PATH_OPTION: Final = re.compile(r"(?:-c\s*|--)search_path=(\S+)")
 
 
-def _pack(value: Any) -> bytes:
-    packed: bytes = msgpack.packb(value, use_bin_type=True)
-    return packed
-
-
-def _unpack(blob: bytes | None) -> Any:
-    return None if blob is None else msgpack.unpackb(blob, raw=False, strict_map_key=False)
-
-
 def _text(value: str) -> str:
     """Free text for a TEXT column, which cannot hold NUL: NUL becomes U+FFFD."""
     return value.replace("\x00", "\ufffd") if "\x00" in value else value
-
-
-def _error(name: str | None, message: str | None) -> ErrorInfo | None:
-    return None if name is None else ErrorInfo(name, message or "")
-
-
-def _instance(row: tuple[Any, ...]) -> InstanceRecord:
-    return InstanceRecord(
-        key=row[0],
-        tenant_id=row[1],
-        instance_id=row[2],
-        workflow_name=row[3],
-        code_version=row[4],
-        status=InstanceStatus(row[5]),
-        params=_unpack(row[6]),
-        output=_unpack(row[7]),
-        error=_error(row[8], row[9]),
-        created_at=row[10],
-        updated_at=row[11],
-        wake_at=row[12],
-        paused_at=row[13],
-        run_token=row[14],
-    )
-
-
-def _step(row: tuple[Any, ...]) -> StepRecord:
-    return StepRecord(
-        seq=row[0],
-        name=row[1],
-        count=row[2],
-        kind=StepKind(row[3]),
-        status=StepStatus(row[4]),
-        attempts=row[5],
-        started_at=row[6],
-        ended_at=row[7],
-        output=_unpack(row[8]),
-        error=_error(row[9], row[10]),
-        wake_at=row[11],
-        event_type=row[12],
-    )
 
 
 def _schema_from_url(url: str) -> str | None:
@@ -280,11 +228,15 @@ def _schema_from_url(url: str) -> str | None:
     return None if first in ("", "$user") else first
 
 
-class PostgresTxn(StoreTxn):
+class PostgresTxn(SqlTxn):
     """The domain operations on one PostgreSQL connection inside a transaction."""
 
     def __init__(self, conn: Connection) -> None:
         self._c = conn
+
+    def _run(self, query: str, args: Sequence[Any] = ()) -> Any:
+        # The shared queries are written with SQLite's "?"; none contains a literal "?".
+        return self._c.execute(query.replace("?", "%s"), args)
 
     def insert_instance(
         self,
@@ -309,17 +261,6 @@ class PostgresTxn(StoreTxn):
         key: int = row[0]
         return key
 
-    def get_instance(self, tenant_id: str, instance_id: str) -> InstanceRecord | None:
-        row = self._c.execute(
-            f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE tenant_id = %s AND instance_id = %s",
-            (tenant_id, instance_id),
-        ).fetchone()
-        return None if row is None else _instance(row)
-
-    def get_status(self, key: int) -> InstanceStatus | None:
-        row = self._c.execute("SELECT status FROM instances WHERE key = %s", (key,)).fetchone()
-        return None if row is None else InstanceStatus(row[0])
-
     def due_steps(self, key: int, now: float) -> list[StepRecord]:
         rows = self._c.execute(
             f"SELECT {_STEP_COLUMNS} FROM steps WHERE key = %s"
@@ -327,12 +268,6 @@ class PostgresTxn(StoreTxn):
             (key, now),
         ).fetchall()
         return [_step(r) for r in rows]
-
-    def get_instance_by_key(self, key: int) -> InstanceRecord | None:
-        row = self._c.execute(
-            f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE key = %s", (key,)
-        ).fetchone()
-        return None if row is None else _instance(row)
 
     def update_instance(
         self,
@@ -431,28 +366,6 @@ class PostgresTxn(StoreTxn):
         ).fetchall()
         return [(r[0], r[1]) for r in rows]
 
-    def queued_keys(self, limit: int) -> list[int]:
-        rows = self._c.execute(
-            "SELECT key FROM instances WHERE status = 'queued'"
-            " ORDER BY priority, ready_at, key LIMIT %s",
-            (limit,),
-        ).fetchall()
-        return [r[0] for r in rows]
-
-    def queued_for_tenant(self, tenant_id: str, limit: int) -> list[tuple[int, int]]:
-        rows = self._c.execute(
-            "SELECT key, priority FROM instances WHERE tenant_id = %s AND status = 'queued'"
-            " ORDER BY priority, ready_at, key LIMIT %s",
-            (tenant_id, limit),
-        ).fetchall()
-        return [(r[0], r[1]) for r in rows]
-
-    def queued_tenants(self, limit: int) -> list[str]:
-        rows = self._c.execute(
-            "SELECT DISTINCT tenant_id FROM instances WHERE status = 'queued' LIMIT %s", (limit,)
-        ).fetchall()
-        return [r[0] for r in rows]
-
     def due_keys(self, now: float, limit: int) -> list[tuple[int, str]]:
         # Locked until this transaction ends (the caller wakes them in it); SKIP LOCKED
         # leaves the ones another supervisor is waking to it, so a timer fires once.
@@ -463,12 +376,6 @@ class PostgresTxn(StoreTxn):
             (now, limit),
         ).fetchall()
         return [(r[0], r[1]) for r in rows]
-
-    def next_wake_at(self) -> float | None:
-        row = self._c.execute(
-            "SELECT min(wake_at) FROM instances WHERE status = 'waiting' AND wake_at IS NOT NULL"
-        ).fetchone()
-        return None if row is None else row[0]
 
     def recover_running(self, now: float) -> int:
         paused = self._c.execute(
@@ -483,25 +390,6 @@ class PostgresTxn(StoreTxn):
         ).rowcount
         return paused + queued
 
-    def list_instances(
-        self, tenant_id: str, status: str | None, limit: int, after_key: int | None
-    ) -> list[tuple[int, InstanceSummary]]:
-        query = "SELECT key, instance_id, status, created_at, updated_at FROM instances"
-        query += " WHERE tenant_id = %s"
-        args: list[Any] = [tenant_id]
-        if status is not None:
-            query += " AND status = %s"
-            args.append(status)
-        if after_key is not None:
-            query += " AND key < %s"
-            args.append(after_key)
-        query += " ORDER BY key DESC LIMIT %s"
-        args.append(limit)
-        return [
-            (r[0], InstanceSummary(r[1], InstanceStatus(r[2]), r[3], r[4]))
-            for r in self._c.execute(query, args).fetchall()
-        ]
-
     def count_by_status(self, tenant_id: str | None) -> dict[str, int]:
         if tenant_id is None:
             cur = self._c.execute("SELECT status, count(*) FROM instances GROUP BY status")
@@ -511,18 +399,6 @@ class PostgresTxn(StoreTxn):
                 (tenant_id,),
             )
         return {r[0]: r[1] for r in cur.fetchall()}
-
-    def load_steps(self, key: int) -> list[StepRecord]:
-        rows = self._c.execute(
-            f"SELECT {_STEP_COLUMNS} FROM steps WHERE key = %s ORDER BY seq", (key,)
-        ).fetchall()
-        return [_step(r) for r in rows]
-
-    def get_step(self, key: int, seq: int) -> StepRecord | None:
-        row = self._c.execute(
-            f"SELECT {_STEP_COLUMNS} FROM steps WHERE key = %s AND seq = %s", (key, seq)
-        ).fetchone()
-        return None if row is None else _step(row)
 
     def put_step(self, key: int, token: int | None, step: StepRecord) -> None:
         values = (
@@ -546,46 +422,12 @@ class PostgresTxn(StoreTxn):
         if self._c.execute(_PUT_STEP_FENCED, (key, token, *values)).rowcount == 0:
             raise LeaseLost(f"instance {key} is no longer held with token {token}")
 
-    def delete_steps(self, key: int) -> None:
-        self._c.execute("DELETE FROM steps WHERE key = %s", (key,))
-        self._c.execute("DELETE FROM logs WHERE key = %s", (key,))
-
-    def find_waiting_event_step(self, key: int, event_type: str) -> StepRecord | None:
-        row = self._c.execute(
-            f"SELECT {_STEP_COLUMNS} FROM steps WHERE key = %s AND status = 'waiting'"
-            " AND kind = 'waitForEvent' AND event_type = %s ORDER BY seq LIMIT 1",
-            (key, event_type),
-        ).fetchone()
-        return None if row is None else _step(row)
-
-    def pending_wake(self, key: int) -> tuple[int, float | None]:
-        row = self._c.execute(
-            "SELECT count(*), min(wake_at) FROM steps WHERE key = %s"
-            " AND status IN ('waiting', 'retrying')",
-            (key,),
-        ).fetchone()
-        return (row[0], row[1]) if row is not None else (0, None)
-
     def shift_step_wakes(self, key: int, delta: float) -> None:
         self._c.execute(
             "UPDATE steps SET wake_at = wake_at + %s::double precision WHERE key = %s"
             " AND wake_at IS NOT NULL AND status IN ('waiting', 'retrying')",
             (delta, key),
         )
-
-    def push_event(self, key: int, event_type: str, payload: Any, ts: float) -> None:
-        self._c.execute(
-            "INSERT INTO events (key, type, payload, ts) VALUES (%s, %s, %s, %s)",
-            (key, event_type, _pack(payload), ts),
-        )
-
-    def pop_event(self, key: int, event_type: str) -> tuple[Any, float] | None:
-        row = self._c.execute(
-            "DELETE FROM events WHERE id = (SELECT id FROM events WHERE key = %s AND type = %s"
-            " ORDER BY id LIMIT 1) RETURNING payload, ts",
-            (key, event_type),
-        ).fetchone()
-        return None if row is None else (_unpack(row[0]), row[1])
 
     def append_logs(self, key: int, lines: Sequence[tuple[float, str, str]]) -> None:
         if not lines:
@@ -610,13 +452,6 @@ class PostgresTxn(StoreTxn):
             " VALUES (%s, %s, %s, %s) ON CONFLICT (tenant_id, version) DO NOTHING",
             (tenant_id, version, files, now),
         )
-
-    def get_code_version(self, tenant_id: str, version: str) -> bytes | None:
-        row = self._c.execute(
-            "SELECT files FROM code_versions WHERE tenant_id = %s AND version = %s",
-            (tenant_id, version),
-        ).fetchone()
-        return None if row is None else bytes(row[0])
 
 
 class PostgresStore(Store):
