@@ -939,9 +939,7 @@ def _is_limit(crash: RunnerError) -> bool:
     return crash.error is not None and crash.error.name == "SandboxLimitError"
 
 
-def _wake_due(
-    txn: StoreTxn, now: float, limit: int
-) -> tuple[list[tuple[int, str]], float | None]:
+def _wake_due(txn: StoreTxn, now: float, limit: int) -> tuple[list[tuple[int, str]], float | None]:
     """Resolve every due timer of up to ``limit`` waiting instances and queue them.
 
     Also returns the next timer, read in the same transaction: one commit per round of
