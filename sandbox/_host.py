@@ -472,13 +472,24 @@ class Sandbox:
             done.set()
 
     async def stop(self) -> None:
-        """Close the channel (the child exits), SIGKILL after a grace period, wait."""
+        """Stop as trio's ``run_process`` does: ask, then SIGTERM, then SIGKILL; always wait.
+
+        Closing the channel is the request (the child exits at EOF); a child that has
+        not gone after half the grace period gets SIGTERM, and SIGKILL after the rest.
+        """
         with trio.CancelScope(shield=True):
             if self.state is not SandboxState.DEAD:
                 self._mark_dead("stopped")
                 await self._frames.aclose()
-                with trio.move_on_after(_STOP_GRACE_SECONDS):
+                with trio.move_on_after(_STOP_GRACE_SECONDS / 2):
                     await self.exited.wait()
+                if not self.exited.is_set() and self._pidfd >= 0:
+                    try:
+                        signal.pidfd_send_signal(self._pidfd, signal.SIGTERM)
+                    except ProcessLookupError:
+                        pass
+                    with trio.move_on_after(_STOP_GRACE_SECONDS / 2):
+                        await self.exited.wait()
             self.kill("stopped")  # SIGKILL if it is still there after the grace period
             await self.exited.wait()
 
