@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from . import dbos_bench, engine_bench, sandbox_bench, scale_bench
+from . import dbos_bench, engine_bench, postgres_bench, sandbox_bench, scale_bench
 from ._core import Benchmark
 
 __all__ = ["BENCHMARKS"]
@@ -18,6 +18,9 @@ BENCHMARKS: Final[tuple[Benchmark, ...]] = (
     engine_bench.concurrent_steps_per_second,
     engine_bench.creations_per_second_inprocess,
     dbos_bench.three_step_workflows,
+    postgres_bench.concurrent_steps_per_second,
+    postgres_bench.creations_per_second,
+    postgres_bench.three_step_workflows,
     sandbox_bench.cold_start,
     sandbox_bench.memory_per_warm_sandbox,
     sandbox_bench.rpc_round_trip,

@@ -25,7 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,9 +36,7 @@ import msgpack
 import psutil  # type: ignore[import-untyped]  # no stubs installed
 import trio
 
-from loader import TenantRegistry
-from loader._directory import code_version
-from loader._registry import TenantState
+from loader import TenantCode, TenantRegistry, TenantState, code_version
 from runtime import FINISHED_STATUSES, InstanceRecord, InstanceStatus, StepRecord, StoreTxn
 from runtime._http import serve_http
 from runtime._supervisor import Supervisor, SupervisorConfig, open_supervisor
@@ -153,12 +151,10 @@ if cfg["mode"] == "create":
         with lock:
             out["ok"] += ok
     threads = [threading.Thread(target=work, args=(c,)) for c in conns]
-    out["start"] = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    out["end"] = time.perf_counter()
 else:  # latency: one connection, sequential
     conn = conns[0]
     for _ in range(cfg["warmup"]):
@@ -250,7 +246,6 @@ async def _read_line(stream: trio.abc.ReceiveStream, buffer: bytearray) -> bytes
 @dataclass
 class _ClientRun:
     seconds: float  #: "go" sent -> the last process reported (this process's clock)
-    spread: float  #: first start -> last end, as the processes stamped them
     results: list[dict[str, Any]]
 
     @property
@@ -297,10 +292,7 @@ async def run_clients(configs: Sequence[Mapping[str, Any]]) -> _ClientRun:
             for index in range(len(processes)):
                 nursery.start_soon(collect, index)
         seconds = time.perf_counter() - start
-        spread = 0.0
-        if all("start" in r for r in results):
-            spread = max(r["end"] for r in results) - min(r["start"] for r in results)
-        return _ClientRun(seconds, spread, results)
+        return _ClientRun(seconds, results)
     finally:
         with trio.CancelScope(shield=True):
             for process in processes:
@@ -309,6 +301,9 @@ async def run_clients(configs: Sequence[Mapping[str, Any]]) -> _ClientRun:
                 if process.returncode is None:
                     process.kill()
                     await process.wait()
+                for pipe in (process.stdin, process.stdout):
+                    if pipe is not None:
+                        await pipe.aclose()
 
 
 def _rss_mib(pid: int | None = None) -> float:
@@ -331,7 +326,7 @@ def http_creations_per_second(ctx: BenchContext) -> list[Measurement]:
     row is committed) by ``clients`` concurrent clients, each on its own keep-alive
     connection, in ``procs`` processes of ``http.client`` threads. Rate = successful
     creations / wall time from "go" to the last response. Three rounds on the same
-    server:
+    server (the later ones smaller in full mode):
 
     1. ``running`` (the row with the target): the created instances are dispatched and
        run in the tenant's sandbox meanwhile (at most 100 at once, the tenant's default
@@ -347,7 +342,8 @@ def http_creations_per_second(ctx: BenchContext) -> list[Measurement]:
     time, from /proc) and the clients' CPU, to show which side is the bottleneck.
     """
     total = ctx.size(3_000, 20_000)
-    httpx_total = ctx.size(300, 2_000)
+    held_total = ctx.size(3_000, 5_000)
+    httpx_total = ctx.size(300, 500)
     procs, threads = 2, 16
     clients = procs * threads
     tenant = "creator"
@@ -360,7 +356,7 @@ def http_creations_per_second(ctx: BenchContext) -> list[Measurement]:
         units_per_commit: float
         complete: int
 
-    async def measured(served: _Served) -> _Round:
+    async def measured(served: _Served, total: int) -> _Round:
         engine = served.supervisor.engine
         counts = [total // procs + (i < total % procs) for i in range(procs)]
         configs = [
@@ -381,13 +377,10 @@ def http_creations_per_second(ctx: BenchContext) -> list[Measurement]:
     async def body() -> tuple[_Round, _Round, float, int, _LoopShare]:
         async with running_supervisor(ctx.workdir, {tenant: QUICK_TENANT}, http=True) as served:
             engine = served.supervisor.engine
-            running = await measured(served)
-            while True:  # let round 1's instances finish
-                if engine.running_count == 0 and engine.dispatcher.idle:
-                    break
-                await trio.sleep(0.05)
+            running = await measured(served, total)
+            await _settled(served.supervisor, tenant)  # round 1's instances finish
             engine.draining = True
-            held = await measured(served)
+            held = await measured(served, held_total)
             loop = _loop_time()
             hx_seconds, hx_ok = await _httpx_creates(served.port, path, httpx_total, clients)
             hx_busy = _LoopShare.since(loop, hx_seconds)
@@ -413,7 +406,7 @@ def http_creations_per_second(ctx: BenchContext) -> list[Measurement]:
         f"{running.loop}; {client_cpu(running.run)}"
     )
     held_notes = (
-        f"the same {total} creates with dispatch held (engine.draining): "
+        f"{held_total} creates with dispatch held (engine.draining): "
         f"{held.run.seconds:.2f} s, {held.units_per_commit:.1f} creations per commit; "
         f"{held.loop}; {client_cpu(held.run)}"
     )
@@ -425,8 +418,9 @@ def http_creations_per_second(ctx: BenchContext) -> list[Measurement]:
     return [
         Measurement(name, total / running.run.seconds, "creations/s", "instances running",
                     1_500, Direction.AT_LEAST, notes, params),
-        Measurement(name, total / held.run.seconds, "creations/s", "dispatch held",
-                    notes=held_notes, params={**params, "dispatch": "held"}),
+        Measurement(name, held_total / held.run.seconds, "creations/s", "dispatch held",
+                    notes=held_notes, params={**params, "creates": held_total,
+                                              "dispatch": "held"}),
         Measurement(name, hx_ok / hx_seconds, "creations/s", "httpx in-process, held",
                     notes=hx_notes, params={**params, "creates": httpx_total,
                                             "client": "httpx", "dispatch": "held"}),
@@ -512,7 +506,7 @@ def binding_creations_per_second(ctx: BenchContext) -> list[Measurement]:
     nothing runs, every commit is a creation). The note splits one create: the RPC
     (p50 of 100 bare fetches returning ``{}``) and a bare SQLite commit on this disk.
     """
-    k = ctx.size(1_000, 5_000)
+    k = ctx.size(1_000, 3_000)
     tenant = "binder"
 
     async def body() -> tuple[float, float, list[float], int]:
@@ -530,10 +524,7 @@ def binding_creations_per_second(ctx: BenchContext) -> list[Measurement]:
 
             await _fetch_ok(supervisor, tenant, "/create", {"n": "10"})
             running = await create_k()
-            while True:  # let them finish before the bare fetches
-                if engine.running_count == 0 and engine.dispatcher.idle:
-                    break
-                await trio.sleep(0.05)
+            await _settled(supervisor, tenant)  # they finish before the bare fetches
             pings: list[float] = []
             for _ in range(100):
                 start = time.perf_counter()
@@ -568,6 +559,23 @@ def binding_creations_per_second(ctx: BenchContext) -> list[Measurement]:
         Measurement(name, k / held, "creations/s", "dispatch held", notes=held_notes,
                     params={**params, "dispatch": "held"}),
     ]  # fmt: skip
+
+
+async def _settled(supervisor: Supervisor, tenant: str) -> None:
+    """Return once none of the tenant's instances is queued or running."""
+    while True:
+        counts = await _counts(supervisor, tenant)
+        if not counts.get("queued") and not counts.get("running"):
+            return
+        await trio.sleep(0.05)
+
+
+async def _counts(supervisor: Supervisor, tenant: str | None = None) -> dict[str, int]:
+    """Instances by status (of one tenant or all); BenchError once one has failed."""
+    counts = await supervisor.engine.count_by_status(tenant)
+    if counts.get("errored") or counts.get("terminated"):
+        raise BenchError(f"instances failed: {counts}")
+    return counts
 
 
 async def _fetch_ok(
@@ -607,7 +615,7 @@ def ingress_latency(ctx: BenchContext) -> list[Measurement]:
             cfg = {"mode": "latency", "port": served.port, "threads": 1, "count": n,
                    "warmup": warmup}  # fmt: skip
             ping = await run_clients([{**cfg, "path": f"/t/{tenant}/ping"}])
-            health = await run_clients([{**cfg, "path": "/healthz"}])
+            health = await run_clients([{**cfg, "path": "/healthz", "count": min(n, 1_000)}])
         for run in (ping, health):
             if run.errors:
                 raise BenchError(f"{run.errors} requests failed: {run.first_error()}")
@@ -667,34 +675,37 @@ class _ManyResult:
 def many_tenants(ctx: BenchContext) -> list[Measurement]:
     """Many tenants, each with one instance asleep: what stays alive, how late timers fire.
 
-    Method: a supervisor with ``max_sandboxes`` 64, ``idle_timeout`` 0.5 s and
-    ``max_concurrency`` 64. Not the default 1000: each running instance of a tenant with
-    no live sandbox asks the zygote for one, and with hundreds of spawns at once the
-    zygote socket's send buffer fills and a second spawn waits to write the same fd:
-    ``trio.BusyResourceError`` escapes the engine and the supervisor dies (seen here at
-    ~250 concurrent spawns; ``ZygoteClient.spawn`` has no send lock). Spawns in flight
-    are also not counted against ``max_sandboxes``, so the peak can exceed it. Tenants:
-    ``sample`` of them come from tenant folders through the real scan (read, store the
-    version, load it in a sandbox); the other N - sample are written as folders too and
-    scanned without storing or probing (to time reading them), then registered directly
-    (their code version stored with ``put_code_version`` and their state put in the
-    registry): the real scan probes each tenant in a fresh sandbox, one after another,
-    which at 10,000 tenants takes minutes (the note extrapolates it). All tenants have
-    the same main.py, so the same version hash, stored once per tenant.
+    Method: a supervisor (no tenant folder of its own) with ``max_sandboxes`` 64,
+    ``idle_timeout`` 0.5 s and ``max_concurrency`` 64. Not the default 1000: each
+    running instance of a tenant without a live sandbox asks the zygote for one, and
+    with hundreds of spawns at once the zygote socket's send buffer fills and a second
+    spawn waits to write the same fd: ``trio.BusyResourceError`` escapes the engine and
+    the supervisor dies (seen at ~250 concurrent spawns; ``ZygoteClient.spawn`` has no
+    send lock). Spawns in flight are not counted against ``max_sandboxes`` either, so
+    the peak can exceed it.
+
+    Tenants: all N are written as folders with the same main.py (so the same version
+    hash, stored once per tenant). ``sample`` of them go through the real scan: a
+    ``TenantRegistry`` wired like the supervisor's (read, store the version, load it in
+    a fresh sandbox, one tenant after another), then join the supervisor's registry.
+    That scan costs a cold start per tenant, minutes at 10,000 (the note extrapolates
+    it), so the other N - sample are registered directly: their version stored with
+    ``put_code_version``, their state put in the registry. The note also times reading
+    all N folders (a scan that stores and probes nothing) and a rescan of them unchanged.
 
     Each tenant gets one instance (``Supervisor.binding(t).create``, in the envelope)
     that sleeps until ``wake_at`` and then runs one step. Reaching the sleep takes a
     sandbox per tenant (a cold start), so the wake times cannot be relative to the
     create: a calibration round (50 tenants, run to completion) measures how fast
     tenants get their first activation here, and every ``wake_at`` is set to
-    ``hold + U(2, 5) s`` after the first create, ``hold`` being 1.25x the setup time
+    ``hold + U(2, 5) s`` after the first create, ``hold`` being 1.15x the setup time
     that rate predicts plus 0.5 s. Once all N are ``waiting`` and idle_timeout + 0.5 s
     have passed (or just before the first wake, if sooner), the sandboxes alive, the
-    zygote's children and the RSS are read. Then all wake, each needing a sandbox
-    again (a cold start per tenant), and the journal gives, per
-    instance: timer lateness = the sleep step's ``ended_at`` (stamped by the engine's
-    timer loop when it resolved the timer) - its ``wake_at``; end-to-end lateness = the
-    next step's ``started_at`` (the engine received its StepStarted) - ``wake_at``.
+    zygote's children and the RSS are read. Then all wake, each needing a sandbox again
+    (a cold start per tenant), and the journal gives, per instance: timer lateness =
+    the sleep step's ``ended_at`` (stamped by the engine's timer loop when it resolved
+    the timer) - its ``wake_at``; end-to-end lateness = the next step's ``started_at``
+    (the engine received its StepStarted) - ``wake_at``.
     """
     n = ctx.size(2_000, 10_000)
     sample = ctx.size(20, 50)
@@ -713,21 +724,22 @@ def many_tenants(ctx: BenchContext) -> list[Measurement]:
         scan_read, rescan = await _time_scan(root / "all")
 
         config = SupervisorConfig(
-            tenants_dir=root / "sample",
+            tenants_dir=None,  # the tenants are added below, not by the watch loop
             db_url=f"sqlite:///{ctx.workdir / 'tenantflow.db'}",
             max_concurrency=max_concurrency,
             max_sandboxes=max_sandboxes,
             idle_timeout=idle_timeout,
-            scan_interval=3600.0,
         )
-        (root / "sample").mkdir()
+        await trio.to_thread.run_sync(_write_folders, root / "sample", names[:sample], SLEEPER)
         async with open_supervisor(config) as sv:
             engine, runner = sv.engine, sv.sandboxes
-            # The sample: real folder scan (store + probe in a sandbox), timed.
-            await trio.to_thread.run_sync(_write_folders, root / "sample", names[:sample], SLEEPER)
+            # The sample: the real folder scan, a TenantRegistry wired as open_supervisor
+            # wires its own (store the version, probe it in a sandbox), timed.
+            scan = TenantRegistry(root / "sample", _persist(sv), sv.probe)
             started = time.perf_counter()
-            await sv.registry.refresh()
+            await scan.refresh()
             sample_scan = time.perf_counter() - started
+            sv.registry.tenants.update(scan.tenants)
             for name in names[:sample]:
                 sv.require_tenant(name)
             # The rest (and the calibration tenants): registered directly.
@@ -741,12 +753,13 @@ def many_tenants(ctx: BenchContext) -> list[Measurement]:
             cal_ids = await _create_all(sv, [(t, {"calibrate": True}) for t in cal_names])
             await _wait_all(sv, cal_ids)
             cal_rate = calibration / (time.perf_counter() - started)
-            while True:  # let the calibration sandboxes go idle and away
-                if not runner.live():
-                    break
-                await trio.sleep(0.05)
+            with trio.move_on_after(30):  # let the calibration sandboxes go idle and away
+                while True:
+                    if not runner.live():
+                        break
+                    await trio.sleep(0.05)
 
-            hold = 1.25 * n / cal_rate + 0.5
+            hold = 1.15 * n / cal_rate + 0.5
             first_create = engine.clock.now()
             t0 = time.perf_counter()
             window = [first_create + hold + rng.uniform(2.0, 5.0) for _ in names]
@@ -755,9 +768,13 @@ def many_tenants(ctx: BenchContext) -> list[Measurement]:
             )
             create = time.perf_counter() - t0
             peak = 0
-            while (await engine.count_by_status()).get("waiting", 0) < n:
-                peak = max(peak, len(runner.live()))
-                await trio.sleep(0.1)
+            patience = 60 + 10 * n / cal_rate  # a bound on a wait, never an expectation
+            with trio.move_on_after(patience) as scope:
+                while (await _counts(sv)).get("waiting", 0) < n:
+                    peak = max(peak, len(runner.live()))
+                    await trio.sleep(0.1)
+            if scope.cancelled_caught:
+                raise BenchError(f"not all asleep after {patience:.0f} s: {await _counts(sv)}")
             asleep = time.perf_counter()
             # Count once idle sandboxes are gone, or just before the first timer fires.
             first_wake = min(window) - engine.clock.now()
@@ -771,9 +788,12 @@ def many_tenants(ctx: BenchContext) -> list[Measurement]:
             zygote_alive = _is_alive(zygote)
             cold_mid = runner.stats.cold_starts
             # The wake: wait for every instance to complete.
-            while (await engine.count_by_status()).get("complete", 0) < n + calibration:
-                peak = max(peak, len(runner.live()))
-                await trio.sleep(0.2)
+            with trio.move_on_after(hold + patience) as scope:
+                while (await _counts(sv)).get("complete", 0) < n + calibration:
+                    peak = max(peak, len(runner.live()))
+                    await trio.sleep(0.2)
+            if scope.cancelled_caught:
+                raise BenchError(f"not all complete after the wake: {await _counts(sv)}")
             drain = engine.clock.now() - (first_create + hold)
             journal = await engine.read(functools.partial(_journals, ids=ids))
             timer_late: list[float] = []
@@ -903,7 +923,7 @@ async def _time_scan(root: Path) -> tuple[float, float]:
     async def persist(tenant_id: str, version: str, files: bytes) -> None:
         pass
 
-    async def probe(code: Any) -> str | None:
+    async def probe(code: TenantCode) -> str | None:
         return None
 
     registry = TenantRegistry(root, persist, probe)
@@ -913,6 +933,13 @@ async def _time_scan(root: Path) -> tuple[float, float]:
     started = time.perf_counter()
     await registry.refresh()
     return first, time.perf_counter() - started
+
+
+def _persist(sv: Supervisor) -> Callable[[str, str, bytes], Awaitable[None]]:
+    async def persist(tenant_id: str, version: str, files: bytes) -> None:
+        await sv.engine.put_code_version(tenant_id, version, files)
+
+    return persist
 
 
 async def _register(sv: Supervisor, tenants: Sequence[str], files: dict[str, str]) -> None:

@@ -327,12 +327,14 @@ class PostgresTxn(SqlTxn):
     def claim_queued(
         self, key: int, now: float, owner: str | None = None, lease_seconds: float | None = None
     ) -> InstanceRecord | None:
-        # A single conditional UPDATE: of two supervisors claiming the same key, the second
-        # waits for the first's row lock, re-checks status = 'queued' and finds it running.
+        # SKIP LOCKED: of two supervisors claiming the same key, the second skips it instead
+        # of waiting for the first's row lock. Waiting deadlocked: each commit claims many
+        # keys, so two supervisors' batches locked the same rows in different orders.
         row = self._c.execute(
             "UPDATE instances SET status = 'running', run_token = run_token + 1, updated_at = %s,"
             f" owner = %s, lease_expires_at = {_DB_NOW} + %s::double precision"
-            f" WHERE key = %s AND status = 'queued' RETURNING {_INSTANCE_COLUMNS}",
+            " WHERE key = (SELECT key FROM instances WHERE key = %s AND status = 'queued'"
+            f" FOR NO KEY UPDATE SKIP LOCKED) RETURNING {_INSTANCE_COLUMNS}",
             (now, owner, lease_seconds, key),
         ).fetchone()
         return None if row is None else _instance(row)
