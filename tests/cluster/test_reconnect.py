@@ -79,6 +79,8 @@ async def test_connections_killed_mid_run_lose_nothing(schema: str) -> None:
             nursery.cancel_scope.cancel()
     finally:
         store.close()
-    assert store.reconnects >= 4
+    # Each kill costs a reconnect only if the connection is used again before the next
+    # kill (the workload may finish first): at least one happened, and nothing was lost.
+    assert store.reconnects >= 1
     # A step runs again only if its activation was lost (at least once, never recorded twice).
     assert sum(CALLS.values()) >= 100
