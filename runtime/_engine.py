@@ -286,7 +286,10 @@ class Engine:
             )
             session.stopped = True  # it writes nothing more (fencing would refuse it anyway)
             if session.channel is not None:
-                await session.channel.abort("lease lost")
+                try:
+                    await session.channel.abort("lease lost")
+                except Exception as exc:  # a runner must not take the lease loop down
+                    log.warning("aborting %s failed: %s", session.instance_id, exc)
             session.scope.cancel()
         return lost
 
