@@ -44,7 +44,7 @@ from ._faults import crash_point
 from ._models import InstanceStatus, StepRecord
 from ._runner import ActivationChannel, RunnerError
 from ._storage import StoreTxn
-from .errors import LeaseLost
+from .errors import LeaseLost, StorageError
 
 if TYPE_CHECKING:
     from ._engine import Engine
@@ -146,13 +146,13 @@ class ActivationDriver:
         session = self._session
         session.channel = channel
         final: Command | None = None
-        failure: RunnerError | LeaseLost | None = None
+        failure: RunnerError | StorageError | None = None
         async with trio.open_nursery() as timers:
             timers.start_soon(self._watchdog)
             try:
                 with session.scope:
                     final = await self._converse(channel)
-            except (RunnerError, LeaseLost) as exc:
+            except (RunnerError, StorageError) as exc:  # LeaseLost is a StorageError
                 failure = exc  # re-raised outside the nursery, not as an ExceptionGroup
             finally:
                 timers.cancel_scope.cancel()

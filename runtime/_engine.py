@@ -833,6 +833,9 @@ class Engine:
                 final = await driver.converse(channel)
         except LeaseLost:
             return  # terminated or restarted while running: the new owner decides
+        except StorageError as exc:
+            self._give_up_activation(session, exc)
+            return
         except RunnerError as exc:
             crash = exc
         if session.stopped:
@@ -867,6 +870,21 @@ class Engine:
                 await driver.suspend()
         except LeaseLost:
             return
+        except StorageError as exc:
+            self._give_up_activation(session, exc)
+
+    def _give_up_activation(self, session: Session, exc: StorageError) -> None:
+        """The database failed under an activation (e.g. a COMMIT with an unknown outcome).
+
+        On a shared database the instance is left to the leases: this supervisor's
+        renewal gives back what it holds without an activation, or another supervisor
+        takes it once the lease expires; it resumes from its journal either way. On
+        SQLite there is no one else to carry on: the error is raised.
+        """
+        if not self.store.shared:
+            raise exc
+        session.stopped = True
+        log.warning("activation of %s/%s given up: %s", session.tenant_id, session.instance_id, exc)
 
     async def _park_after_crash(
         self, session: Session, driver: ActivationDriver, crash: RunnerError
