@@ -125,6 +125,8 @@ class ZygoteClient:
         self._sock = sock
         self._next_request = 0
         self._pending: dict[int, tuple[trio.Event, list[_Spawned]]] = {}
+        # One writer at a time: two tasks waiting to write a full socket is a trio error.
+        self._send_lock = trio.Lock()
         self.exit_status: dict[int, int] = {}
         self.pid = process.pid
 
@@ -206,10 +208,11 @@ class ZygoteClient:
         if settings.layers is not None:
             message["layers"] = list(settings.layers)
         try:
-            await self._sock.sendmsg(
-                [msgpack.packb(message)],
-                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [theirs.fileno()]))],
-            )
+            async with self._send_lock:
+                await self._sock.sendmsg(
+                    [msgpack.packb(message)],
+                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [theirs.fileno()]))],
+                )
         finally:
             theirs.close()
         try:
