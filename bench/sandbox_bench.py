@@ -172,8 +172,8 @@ class _ObservedChannel(ActivationChannel):
         await self._inner.reply(reply)
         self._observer.replies_sent.append(time.perf_counter())
 
-    async def abort(self, reason: str) -> None:
-        await self._inner.abort(reason)
+    async def abort(self, reason: str, *, force: bool = False) -> None:
+        await self._inner.abort(reason, force=force)
 
 
 class _ObservedRunner(Runner):
