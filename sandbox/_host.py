@@ -582,6 +582,11 @@ class SandboxRunner(Runner):
             collections.OrderedDict()
         )
         self._starting: dict[tuple[str, str], trio.Event] = {}
+        # Processes that count against max_sandboxes without being in the pool: spawns
+        # that made room and have not registered yet, and evicted ones still stopping.
+        # Without them, many spawns at once all see room and overshoot the bound.
+        self._reserved = 0
+        self._stopping = 0
         self._became_idle = trio.Event()
         self.stats = SandboxStats()
         self.binding_handler: BindingHandler | None = None
@@ -616,12 +621,20 @@ class SandboxRunner(Runner):
                 del self._starting[key]
                 done.set()
 
+    def processes(self) -> int:
+        """Sandbox processes that exist or are being made: never above max_sandboxes."""
+        return len(self.live()) + self._reserved + self._stopping
+
     async def _spawn(self, key: tuple[str, str]) -> Sandbox:
-        await self._make_room()
-        tenant_id, code_version = key
-        files = await self._code_source(tenant_id, code_version)
-        started = trio.current_time()
-        spawned, sock = await self.zygote.spawn(tenant_id, self._settings(tenant_id))
+        await self._make_room()  # reserves a place
+        try:
+            tenant_id, code_version = key
+            files = await self._code_source(tenant_id, code_version)
+            started = trio.current_time()
+            spawned, sock = await self.zygote.spawn(tenant_id, self._settings(tenant_id))
+        finally:
+            self._reserved -= 1
+            self._signal_idle()
         settings = self._settings(tenant_id)
         sandbox = Sandbox(key, spawned, sock, self.zygote)
         sandbox.cpu_limit = float(settings.cpu_seconds)
@@ -663,15 +676,25 @@ class SandboxRunner(Runner):
         became_idle.set()
 
     async def _make_room(self) -> None:
-        while len(self.live()) >= self.max_sandboxes:
+        """Wait for (or evict to make) a free place, and reserve it for the caller."""
+        while self.processes() >= self.max_sandboxes:
             idle = [s for s in self.live() if not s.busy]
             if idle:
                 self.stats.evictions += 1
-                victim = idle[0]
-                self._forget(victim)
-                await victim.stop()
+                await self._stop(idle[0])
                 continue
             await self._became_idle.wait()
+        self._reserved += 1
+
+    async def _stop(self, sandbox: Sandbox) -> None:
+        """Take a sandbox out of the pool and stop it; its place frees once it is gone."""
+        self._forget(sandbox)
+        self._stopping += 1
+        try:
+            await sandbox.stop()
+        finally:
+            self._stopping -= 1
+            self._signal_idle()
 
     @asynccontextmanager
     async def open_activation(
@@ -698,9 +721,8 @@ class SandboxRunner(Runner):
         now = trio.current_time()
         victims = [s for s in self.live() if not s.busy and now - s.last_used >= self.idle_timeout]
         for sandbox in victims:
-            self._forget(sandbox)
             self.stats.evictions += 1
-            await sandbox.stop()
+            await self._stop(sandbox)
         return len(victims)
 
     async def _evict_loop(self) -> None:

@@ -346,3 +346,47 @@ async def test_the_zygote_outlives_the_thread_that_started_it(monkeypatch, tmp_p
         assert zygote.is_running() and zygote.status() != psutil.STATUS_ZOMBIE
         sandbox = await runner.get_sandbox("late", "v1")
         assert psutil.Process(sandbox.pid).ppid() == zygote.pid
+
+
+async def test_max_sandboxes_bounds_the_processes_even_while_they_start(tmp_path):
+    """Many tenants' first activations at once: every spawn sees the room it reserved,
+    so the zygote never has more than max_sandboxes children, starting ones included."""
+    from runtime import Engine, WallClock, open_store
+    from sandbox._host import open_sandbox_runner
+
+    store = open_store(str(tmp_path / "db"))
+    one_step = """
+from tenantflow import WorkflowEntrypoint
+
+class TenantWorkflow(WorkflowEntrypoint):
+    def run(self, event, step):
+        return step.do("one", lambda: 1)
+"""
+
+    async def code(tenant_id, version):
+        return {"main.py": one_step}
+
+    limit, tenants = 4, [f"t{i}" for i in range(40)]
+    peak = 0
+    async with open_sandbox_runner(code, idle_timeout=60, max_sandboxes=limit) as runner:
+        zygote = psutil.Process(runner.zygote.pid)
+        engine = Engine(store, runner, clock=WallClock())
+        async with trio.open_nursery() as nursery:
+            await nursery.start(engine.run)
+            ids = [(t, (await engine.create(t, code_version="v"))[0]) for t in tenants]
+
+            async def sample() -> None:
+                nonlocal peak
+                while True:
+                    alive = [c for c in zygote.children() if c.status() != psutil.STATUS_ZOMBIE]
+                    peak = max(peak, len(alive), runner.processes())
+                    await trio.sleep(0.001)
+
+            nursery.start_soon(sample)
+            with trio.fail_after(60):
+                for tenant, iid in ids:
+                    await engine.wait_for_status(tenant, iid, ["complete"])
+            nursery.cancel_scope.cancel()
+    store.close()
+    assert runner.stats.cold_starts >= len(tenants)
+    assert 0 < peak <= limit
