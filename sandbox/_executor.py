@@ -332,6 +332,7 @@ class Executor:
         self._suspended = False
         self._fatal: BaseException | None = None
         self._in_step = threading.local()
+        self._in_branch = threading.local()
 
     # -- the activation ----------------------------------------------------
 
@@ -433,7 +434,11 @@ class Executor:
     def _request(self, command: Command) -> Reply:
         reply = self._port.request(command)
         if reply.kind is ReplyKind.SUSPEND:
-            self._suspended = True
+            # A parallel branch suspends only itself: branches whose threads have not
+            # reached their first attempt yet must still run it in this activation.
+            # parallel() suspends the activation once every branch is done.
+            if not getattr(self._in_branch, "active", False):
+                self._suspended = True
             raise _Suspend()
         return reply
 
@@ -464,6 +469,7 @@ class Executor:
 
         def branch(seq: int, name: str, count: int, entry: JournalEntry | None, cb: Any) -> None:
             sdk.set_log_sink(self._log)
+            self._in_branch.active = True
             try:
                 self._step_config(cb, None, None)
                 results[name] = self._run_do(seq, name, count, entry, cb, config)

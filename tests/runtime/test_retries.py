@@ -471,3 +471,45 @@ async def test_parallel_branches_keep_their_own_backoff(manual_env):
         gate.set()
     assert times["a"] == [t0, t0 + 10]
     assert times["b"] == [t0, t0 + 15], "b's second attempt ran before its backoff elapsed"
+
+
+async def test_a_branch_waiting_for_its_retry_does_not_stop_branches_not_started_yet(manual_env):
+    """One branch fails at once and must wait for its backoff: branches whose threads
+    start only after that reply still run their first attempt in this activation.
+    (A branch's suspension once suspended the whole activation: a slow thread start
+    under load then never ran its step until the first branch's backoff elapsed.)"""
+    env = manual_env
+    started: set[int] = set()
+    lock = threading.Lock()
+    all_started = threading.Event()
+    n = 40
+
+    class Wf(WorkflowEntrypoint):
+        def run(self, event, step):
+            def first():
+                raise RuntimeError("fails at once")
+
+            def other(i):
+                def cb():
+                    with lock:
+                        started.add(i)
+                        if len(started) == n - 1:
+                            all_started.set()
+                    return i
+
+                return cb
+
+            branches = {"first": first} | {f"b{i}": other(i) for i in range(1, n)}
+            return step.parallel(
+                branches, retries={"limit": 1, "delay": "1 hour", "backoff": "constant"}
+            )
+
+    env.runner.register(T, Wf)
+    iid, _ = await env.engine.create(T)
+    await wait_thread_event(all_started)  # before any clock move: all in the first activation
+    with trio.fail_after(10):
+        await env.engine.wait_for_status(T, iid, ["waiting"])
+    view = await env.engine.get(T, iid)
+    statuses = {s.name: s.status for s in view.steps}
+    assert statuses.pop("first") == "retrying"
+    assert set(statuses.values()) == {"complete"}
