@@ -21,6 +21,10 @@ __all__ = ["Clock", "MockClock", "WallClock"]
 class Clock(ABC):
     """Wall time in epoch seconds, and a way to sleep until a point of it."""
 
+    #: True if ``now()`` is ``time.time()``: threads may then wait on it themselves
+    #: (the timers' alarm in the commit thread does).
+    real_time: bool = False
+
     @abstractmethod
     def now(self) -> float:
         """Current time, in seconds since the epoch."""
@@ -32,6 +36,8 @@ class Clock(ABC):
 
 class WallClock(Clock):
     """The system's real time."""
+
+    real_time = True
 
     def now(self) -> float:
         return time.time()

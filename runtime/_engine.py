@@ -25,7 +25,6 @@ fencing token (``run_token``) guarantees that nobody else *can* write it.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 import uuid
@@ -65,6 +64,7 @@ from ._models import (
 )
 from ._runner import Runner, RunnerError, RunTarget
 from ._storage import Store, StoreTxn
+from ._timers import TimerService
 from ._writer import GroupCommitWriter
 from .errors import (
     BadRequest,
@@ -93,12 +93,8 @@ log = logging.getLogger("tenantflow.engine")
 DEFAULT_WORKFLOW: Final = "TenantWorkflow"
 #: Crashes in a row, outside any step and without progress, before an instance fails.
 MAX_CRASHES: Final = 5
-_WAKE_BATCH: Final = 500
 #: Default lease of a running instance on a shared store (SPEC 10: ``--lease-seconds``).
 DEFAULT_LEASE_SECONDS: Final = 15.0
-#: On a shared store, the longest the timer loop sleeps without reading the database:
-#: another supervisor may have set an earlier timer (and died before firing it).
-_SHARED_TIMER_POLL_SECONDS: Final = 2.0
 
 
 #: Upper bounds (seconds) of the step latency histogram's buckets.
@@ -203,10 +199,7 @@ class Engine:
         self.dispatcher = FairDispatcher(
             self, tenant_concurrency or (lambda tenant_id: max_concurrency)
         )
-        self._timer_scope: trio.CancelScope | None = None
-        self._timer_target: float | None = None
-        self._timer_dirty = True
-        self._timer_idle = False
+        self.timers = TimerService(self)
         self._changed: dict[int, trio.Event] = {}
         self._logged: dict[int, trio.Event] = {}
         self._nursery: trio.Nursery | None = None
@@ -231,7 +224,7 @@ class Engine:
             else:
                 # The store is ours alone (SQLite's file lock): whatever runs is a leftover.
                 self.recovered = await self.writer.submit(lambda txn: txn.recover_running(now))
-            nursery.start_soon(self._timer_loop)
+            nursery.start_soon(self.timers.run)
             nursery.start_soon(self.dispatcher.run)
             task_status.started()
 
@@ -363,9 +356,8 @@ class Engine:
             and not self._claiming
             and self.writer.idle
             and self.dispatcher.idle
-            and self._timer_idle
+            and self.timers.idle
             and not self.dispatcher.wakeup.is_set()
-            and not self._timer_dirty
         )
 
     @property
@@ -394,12 +386,8 @@ class Engine:
         return await self._read(fn)
 
     def kick_timers(self, wake_at: float | None = None) -> None:
-        """Tell the timer loop a timer changed (earlier than it sleeps for, maybe)."""
-        if self._timer_scope is None:
-            self._timer_dirty = True  # the loop is between sleeps: make it look again
-        elif wake_at is None or self._timer_target is None or wake_at < self._timer_target:
-            self._timer_dirty = True
-            self._timer_scope.cancel()
+        """Tell the timers a timer changed (due at ``wake_at``; None: look again now)."""
+        self.timers.kick(wake_at)
 
     def notify_change(self, key: int) -> None:
         """An instance's status or journal changed (wakes its ``wait_for_*`` watchers)."""
@@ -919,65 +907,9 @@ class Engine:
         self.notify_log(key)
         self.kick_timers(wake)
 
-    # ------------------------------------------------------------------ timers
-
-    async def _timer_loop(self) -> None:
-        while True:
-            self._timer_dirty = False
-            now = self.clock.now()
-            due = functools.partial(_wake_due, now=now, limit=_WAKE_BATCH)
-            try:
-                woken, target = await self.writer.submit(due)
-            except StorageError as exc:
-                if not self.store.shared:
-                    raise
-                log.warning("waking due timers failed (trying again): %s", exc)
-                await trio.sleep(1.0)
-                self._timer_dirty = True
-                continue
-            for key, tenant_id in woken:
-                self.kick_dispatch(tenant_id)
-                self.notify_change(key)
-            if len(woken) >= _WAKE_BATCH or self._timer_dirty:
-                continue  # more are due now, or a timer changed while we committed
-            with trio.CancelScope() as scope:
-                self._timer_scope, self._timer_target = scope, target
-                self._timer_idle = True
-                if self.store.shared:
-                    # Timers set by other supervisors are not announced here: look again.
-                    scope.deadline = trio.current_time() + _SHARED_TIMER_POLL_SECONDS
-                try:
-                    if target is None:
-                        await trio.sleep_forever()
-                    else:
-                        await self.clock.sleep_until(target)
-                finally:
-                    self._timer_idle = False
-                    self._timer_scope = None
-
 
 def _is_limit(crash: RunnerError) -> bool:
     return crash.error is not None and crash.error.name == "SandboxLimitError"
-
-
-def _wake_due(txn: StoreTxn, now: float, limit: int) -> tuple[list[tuple[int, str]], float | None]:
-    """Resolve every due timer of up to ``limit`` waiting instances and queue them.
-
-    Also returns the next timer, read in the same transaction: one commit per round of
-    the timer loop and no extra read, which keeps rounds short when many timers fall
-    due close together.
-    """
-    due = txn.due_keys(now, limit)
-    for key, _ in due:
-        for step in txn.due_steps(key, now):
-            if step.kind is StepKind.SLEEP and step.status is StepStatus.WAITING:
-                txn.put_step(key, None, _with(step, StepStatus.COMPLETE, ended_at=now))
-            elif step.kind is StepKind.WAIT_FOR_EVENT and step.status is StepStatus.WAITING:
-                error = ErrorInfo("WorkflowTimeoutError", "timed out waiting for event")
-                txn.put_step(key, None, _with(step, StepStatus.ERRORED, ended_at=now, error=error))
-            # a due retry stays 'retrying': the next activation runs its next attempt
-        txn.update_instance(key, now, status=InstanceStatus.QUEUED, wake_at=None, priority=0)
-    return due, txn.next_wake_at()
 
 
 def _insert_unit(

@@ -5,23 +5,34 @@ One task owns the store's writer. Callers hand it *units* (functions of a
 thread, commits once (one fsync), and wakes each caller with its own outcome. Under
 load a commit carries hundreds of instances' step results; alone, a unit waits for
 exactly one commit, so sequential latency stays at one fsync.
+
+The commit thread also keeps an **alarm** (``set_alarm`` / ``arm``): a unit it runs by
+itself at a wall-clock time, without a trip through the event loop. Durable timers use
+it, so a timer resolves within a commit of its time however busy trio is with other
+work (cold starts, HTTP): the event loop only learns afterwards what woke.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 
 import trio
 
 from ._storage import Outcome, Store, StoreTxn, Unit
 
-__all__ = ["GroupCommitWriter"]
+__all__ = ["AlarmUnit", "GroupCommitWriter"]
 
 T = TypeVar("T")
 _MAX_UNITS_PER_COMMIT: Final = 2000
+
+#: The alarm's unit: does its work and returns (a value for the report, the next time
+#: the alarm should ring or None).
+AlarmUnit = Callable[[StoreTxn], tuple[Any, float | None]]
+AlarmReport = Callable[[Outcome], None]
 
 
 class _Slot:
@@ -42,8 +53,18 @@ class GroupCommitWriter:
         self._queue: list[tuple[Unit, _Slot | Callable[[], None] | None]] = []
         self._wakeup = trio.Event()
         self._committing = False
+        self._alarm = _Alarm()
         self.commits = 0
         self.units = 0
+
+    def set_alarm(self, unit: AlarmUnit, report: AlarmReport) -> None:
+        """Install the alarm (before ``run``): ``unit`` runs in the commit thread each time
+        the alarm rings; ``report`` gets its outcome in the trio thread."""
+        self._alarm.unit, self._alarm.report = unit, report
+
+    def arm(self, at: float) -> None:
+        """Ring the alarm at wall time ``at`` (epoch seconds) or earlier if already set so."""
+        self._alarm.arm(at)
 
     @property
     def idle(self) -> bool:
@@ -71,7 +92,7 @@ class GroupCommitWriter:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The writer task: runs until cancelled, finishing any commit it has started."""
-        thread = _CommitThread(self._store)
+        thread = _CommitThread(self._store, self._alarm, trio.lowlevel.current_trio_token())
         try:
             task_status.started()
             while True:
@@ -100,17 +121,66 @@ class GroupCommitWriter:
             thread.stop()
 
 
+class _Alarm:
+    """When the commit thread should run the alarm unit next (shared with trio's thread)."""
+
+    def __init__(self) -> None:
+        self.unit: AlarmUnit | None = None
+        self.report: AlarmReport | None = None
+        self._lock = threading.Lock()
+        self._at: float | None = None
+        self._ringing = False
+        self._asked: float | None = None  # arm() calls while ringing: kept for after
+        self._poke: Callable[[], None] = lambda: None
+
+    def arm(self, at: float) -> None:
+        with self._lock:
+            if self._ringing:
+                self._asked = at if self._asked is None else min(self._asked, at)
+                return
+            if self._at is not None and self._at <= at:
+                return
+            self._at = at
+        self._poke()  # the thread may be asleep until a later time: make it look again
+
+    def seconds_left(self) -> float | None:
+        with self._lock:
+            return None if self._at is None or self.unit is None else self._at - time.time()
+
+    def take_if_due(self) -> AlarmUnit | None:
+        with self._lock:
+            if self.unit is None or self._at is None or self._at > time.time():
+                return None
+            self._at, self._ringing = None, True
+            return self.unit
+
+    def rang(self, next_at: float | None) -> None:
+        with self._lock:
+            self._ringing = False
+            wanted = [t for t in (next_at, self._asked) if t is not None]
+            self._asked = None
+            if wanted:
+                self._at = min(wanted) if self._at is None else min(self._at, *wanted)
+
+
+_Job = tuple[list[Unit], Callable[[list[Outcome]], None] | None]
+_POKE: Final[_Job] = ([], None)  #: no units: only look at the alarm again
+
+
 class _CommitThread:
     """One long-lived thread that owns the store's writer connection.
 
     Cheaper per commit than ``trio.to_thread`` (no thread-cache handoff), and every
-    write happens on the same OS thread, as SQLite prefers.
+    write happens on the same OS thread, as SQLite prefers. Between jobs it sleeps
+    until the alarm's time at most.
     """
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, alarm: _Alarm, token: trio.lowlevel.TrioToken) -> None:
         self._store = store
-        self._jobs: queue.SimpleQueue[tuple[list[Unit], Callable[[list[Outcome]], None]] | None]
-        self._jobs = queue.SimpleQueue()
+        self._alarm = alarm
+        self._token = token
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        alarm._poke = lambda: self._jobs.put(_POKE)
         self._thread = threading.Thread(target=self._serve, name="tenantflow-writer", daemon=True)
         self._thread.start()
 
@@ -127,17 +197,43 @@ class _CommitThread:
         await done.wait()
         return result[0]
 
+    def _next_job(self) -> _Job | None:
+        left = self._alarm.seconds_left()
+        try:
+            if left is None:
+                return self._jobs.get()
+            return self._jobs.get(timeout=left) if left > 0 else self._jobs.get_nowait()
+        except queue.Empty:
+            return _POKE
+
     def _serve(self) -> None:
-        while (job := self._jobs.get()) is not None:
+        while (job := self._next_job()) is not None:
             units, report = job
+            alarm = self._alarm.take_if_due()
+            if alarm is not None:
+                units = [alarm, *units]
+            if not units:
+                continue
             try:
                 outcomes = self._store.write(units)
             except Exception as exc:  # the whole commit failed: every unit gets the error
                 outcomes = [Outcome(error=exc) for _ in units]
             try:
-                report(outcomes)
+                if alarm is not None:
+                    self._rang(outcomes.pop(0))
+                if report is not None:
+                    report(outcomes)
             except trio.RunFinishedError:
                 return
+
+    def _rang(self, outcome: Outcome) -> None:
+        # Re-armed here, before the next job commits: a timer that job sets is announced
+        # by arm() after it, so min() keeps the earlier of the two.
+        next_at = None if outcome.error is not None else outcome.value[1]
+        self._alarm.rang(next_at)
+        report = self._alarm.report
+        if report is not None:
+            self._token.run_sync_soon(report, outcome)
 
     def stop(self) -> None:
         self._jobs.put(None)

@@ -378,7 +378,7 @@ class TenantWorkflow(WorkflowEntrypoint):
             async def sample() -> None:
                 nonlocal peak
                 while True:
-                    alive = [c for c in zygote.children() if c.status() != psutil.STATUS_ZOMBIE]
+                    alive = [c for c in zygote.children() if _alive(c)]
                     peak = max(peak, len(alive), runner.processes())
                     await trio.sleep(0.001)
 
@@ -390,3 +390,10 @@ class TenantWorkflow(WorkflowEntrypoint):
     store.close()
     assert runner.stats.cold_starts >= len(tenants)
     assert 0 < peak <= limit
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except (psutil.Error, OSError):  # gone between listing and reading
+        return False
