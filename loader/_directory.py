@@ -7,13 +7,21 @@ order), so the same code always has the same version and any change makes a new 
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 from sandbox.protocol import TENANT_ID_PATTERN
 
-__all__ = ["TenantCode", "code_version", "read_tenant", "scan_tenants"]
+__all__ = [
+    "Fingerprint",
+    "TenantCode",
+    "code_version",
+    "fingerprint",
+    "read_tenant",
+    "scan_tenants",
+]
 
 _MAX_FILE_BYTES: Final = 256 * 1024
 _MAX_FILES: Final = 64
@@ -36,6 +44,25 @@ def code_version(files: dict[str, str]) -> str:
         digest.update(f"{name}\0{len(data)}\0".encode())
         digest.update(data)
     return digest.hexdigest()
+
+
+#: What a rescan compares to know a tenant folder is unchanged without reading it.
+Fingerprint = tuple[tuple[str, int, int, int, int], ...]
+
+
+def fingerprint(folder: str | Path) -> Fingerprint:
+    """Name, size, inode, mtime and ctime of each code file: one ``stat`` per file.
+
+    Editors replace files (a new inode) or write them in place (a new mtime and
+    ctime); either changes the fingerprint, so a rescan reads only changed folders.
+    """
+    entries = []
+    with os.scandir(folder) as listing:
+        for entry in listing:
+            if entry.name.endswith((".py", ".toml")) and entry.is_file():
+                st = entry.stat()
+                entries.append((entry.name, st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns))
+    return tuple(sorted(entries))
 
 
 def read_tenant(folder: Path) -> TenantCode:
