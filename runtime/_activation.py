@@ -43,7 +43,7 @@ from sandbox.protocol import (
 from ._faults import crash_point
 from ._models import InstanceStatus, StepRecord
 from ._runner import ActivationChannel, RunnerError
-from ._storage import StoreTxn
+from ._storage import Notice, StoreTxn
 from .errors import LeaseLost, StorageError
 
 if TYPE_CHECKING:
@@ -498,6 +498,7 @@ class ActivationDriver:
             txn.update_instance(
                 key, now, token=token, status=status, output=output, error=error, wake_at=None
             )
+            txn.announce(Notice.CHANGED, key)
 
         await self._submit_fenced(unit)
 
@@ -505,7 +506,10 @@ class ActivationDriver:
         """Park the instance: paused, waiting for its earliest timer, or queued again."""
         key, token, now = self._session.key, self._session.token, self._clock.now()
 
+        tenant_id = self._session.tenant_id
+
         def unit(txn: StoreTxn) -> tuple[InstanceStatus, float | None]:
+            txn.announce(Notice.CHANGED, key)
             current = txn.get_instance_by_key(key)
             if current is not None and current.status is InstanceStatus.WAITING_FOR_PAUSE:
                 txn.update_instance(
@@ -517,6 +521,7 @@ class ActivationDriver:
                 txn.update_instance(
                     key, now, token=token, status=InstanceStatus.QUEUED, wake_at=None, priority=0
                 )
+                txn.announce(Notice.QUEUED, tenant_id)
                 return InstanceStatus.QUEUED, None
             txn.update_instance(key, now, token=token, status=InstanceStatus.WAITING, wake_at=wake)
             return InstanceStatus.WAITING, wake

@@ -47,6 +47,7 @@ class FairDispatcher:
         self._last_served: dict[str, int] = {}
         self.wakeup = trio.Event()
         self.idle = False
+        self._reread = True  #: read which tenants have queued instances from the database
 
     def kick(self, tenant_id: str | None) -> None:
         """An instance of ``tenant_id`` was queued (None: a slot freed)."""
@@ -64,11 +65,19 @@ class FairDispatcher:
             del self.running[tenant_id]
         self.kick(None)
 
+    def look_again(self) -> None:
+        """Read the queued tenants from the database (we may have missed being told)."""
+        self._reread = True
+        self.wakeup.set()
+
     async def run(self) -> None:
         engine = self._engine
-        self.queued_tenants.update(await engine.read(lambda txn: txn.queued_tenants(10_000)))
         while True:
             self.wakeup = trio.Event()
+            if self._reread:
+                self._reread = False
+                queued = await engine.read(lambda txn: txn.queued_tenants(10_000))
+                self.queued_tenants.update(queued)
             started = await self._round()
             if started == 0:
                 self.idle = True

@@ -62,8 +62,9 @@ from ._models import (
     LogRecord,
     StepRecord,
 )
+from ._notices import NoticeBoard
 from ._runner import Runner, RunnerError, RunTarget
-from ._storage import Store, StoreTxn
+from ._storage import Notice, Store, StoreTxn
 from ._timers import TimerService
 from ._writer import GroupCommitWriter
 from .errors import (
@@ -175,6 +176,7 @@ class Engine:
         tenant_concurrency: Callable[[str], int] | None = None,
         owner: str | None = None,
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        notices: bool = True,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be at least 1")
@@ -183,6 +185,10 @@ class Engine:
         #: This supervisor's id: the owner of the leases it takes.
         self.owner = owner or uuid.uuid4().hex
         self.lease_seconds = float(lease_seconds)
+        #: On a shared store: hear the other supervisors' notices (LISTEN/NOTIFY). Off,
+        #: they are found by polling only (the benchmarks compare the two).
+        self.listens = notices
+        self.notices: NoticeBoard | None = None
         #: Activations aborted because their instance's lease was lost (for tests/metrics).
         self.leases_lost = 0
         self.store = store
@@ -217,8 +223,11 @@ class Engine:
             await nursery.start(self.writer.run)
             now = self.clock.now()
             if self.store.shared:
+                if self.listens:
+                    self.notices = NoticeBoard(self)
+                    nursery.start_soon(self._listen, self.notices)
                 # Others may be running instances right now: take only expired leases.
-                recovered = await self.writer.submit(lambda txn: txn.recover_expired(now))
+                recovered = await self.writer.submit(_recover_expired(now))
                 self.recovered = len(recovered)
                 nursery.start_soon(self._lease_loop)
             else:
@@ -227,6 +236,13 @@ class Engine:
             nursery.start_soon(self.timers.run)
             nursery.start_soon(self.dispatcher.run)
             task_status.started()
+
+    async def _listen(self, board: NoticeBoard) -> None:
+        stop = self.store.listen(board.from_thread)
+        try:
+            await trio.sleep_forever()
+        finally:
+            stop()
 
     async def _lease_loop(self) -> None:
         """Renew our leases, abort what we lost, requeue what others lost (shared store)."""
@@ -319,6 +335,7 @@ class Engine:
                 else:
                     continue
                 released.append((key, record.tenant_id))
+                txn.announce(Notice.QUEUED, record.tenant_id)
             return released
 
         for key, tenant_id in await self.writer.submit(unit):
@@ -329,7 +346,7 @@ class Engine:
     async def recover_expired(self) -> list[tuple[int, str]]:
         """Requeue instances whose lease expired, and tell the dispatcher."""
         now = self.clock.now()
-        recovered = await self.writer.submit(lambda txn: txn.recover_expired(now))
+        recovered = await self.writer.submit(_recover_expired(now))
         for key, tenant_id in recovered:
             self.recovered += 1
             self.notify_change(key)
@@ -722,17 +739,37 @@ class Engine:
         *,
         stop: bool = False,
     ) -> InstanceStatus:
-        key, status = await self.writer.submit(unit)
-        if stop and (session := self._sessions.get(key)) is not None:
-            session.stopped = True
-            if session.channel is not None:
-                await session.channel.abort("stopped by the API")
-            session.scope.cancel()
+        def announced(txn: StoreTxn) -> tuple[int, InstanceStatus]:
+            key, status = unit(txn)
+            txn.announce(Notice.CHANGED, key)
+            if stop:
+                txn.announce(Notice.STOP, key)
+            if status is InstanceStatus.QUEUED:
+                txn.announce(Notice.QUEUED, tenant_id)
+            return key, status
+
+        key, status = await self.writer.submit(announced)
+        if stop:
+            await self._stop_activation(key, "stopped by the API")
         self.notify_change(key)
         if status is InstanceStatus.QUEUED:
             self.kick_dispatch(tenant_id)
         self.kick_timers()
         return status
+
+    def stop_activation(self, key: int, reason: str) -> None:
+        """Abort the instance's activation here, if it has one (its token is stale)."""
+        if key in self._sessions and self._nursery is not None:
+            self._nursery.start_soon(self._stop_activation, key, reason)
+
+    async def _stop_activation(self, key: int, reason: str) -> None:
+        session = self._sessions.get(key)
+        if session is None or session.stopped:
+            return
+        session.stopped = True  # it writes nothing more (fencing would refuse it anyway)
+        if session.channel is not None:
+            await session.channel.abort(reason)
+        session.scope.cancel()
 
     # ------------------------------------------------------------------ dispatcher
 
@@ -915,9 +952,24 @@ def _is_limit(crash: RunnerError) -> bool:
 def _insert_unit(
     tenant_id: str, instance_id: str, code_version: str, params: Any, now: float
 ) -> Callable[[StoreTxn], int]:
-    return lambda txn: txn.insert_instance(
-        tenant_id, instance_id, DEFAULT_WORKFLOW, code_version, params, now
-    )
+    def unit(txn: StoreTxn) -> int:
+        key = txn.insert_instance(
+            tenant_id, instance_id, DEFAULT_WORKFLOW, code_version, params, now
+        )
+        txn.announce(Notice.QUEUED, tenant_id)
+        return key
+
+    return unit
+
+
+def _recover_expired(now: float) -> Callable[[StoreTxn], list[tuple[int, str]]]:
+    def unit(txn: StoreTxn) -> list[tuple[int, str]]:
+        recovered = txn.recover_expired(now)
+        for tenant_id in {tenant_id for _, tenant_id in recovered}:
+            txn.announce(Notice.QUEUED, tenant_id)
+        return recovered
+
+    return unit
 
 
 @asynccontextmanager

@@ -13,10 +13,17 @@ A backend implements two ABCs:
   written by an old activation.
 
 Both are blocking; the engine calls them from worker threads.
+
+**Notices.** On a store several supervisors share, a transaction may ``announce`` what
+others should know at once (an instance of a tenant was queued, an instance changed, an
+instance must stop), delivered when it commits; ``Store.listen`` hears the others'
+notices. They only make the others react sooner: every fact is in the database, and
+polling (the dispatcher's safety net, lease renewal, the timers' rounds) finds it anyway.
 """
 
 from __future__ import annotations
 
+import enum
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,10 +31,23 @@ from typing import Any, TypeVar
 
 from ._models import InstanceRecord, InstanceStatus, InstanceSummary, LogRecord, StepRecord
 
-__all__ = ["Outcome", "Store", "StoreTxn", "Unit", "open_store"]
+__all__ = ["Notice", "Outcome", "Store", "StoreTxn", "Unit", "open_store"]
 
 T = TypeVar("T")
 Unit = Callable[["StoreTxn"], Any]
+
+
+class Notice(enum.StrEnum):
+    """What one supervisor tells the others sharing its store (``StoreTxn.announce``)."""
+
+    QUEUED = "q"  #: subject: a tenant id; it has queued instances to start
+    CHANGED = "c"  #: subject: an instance key; its status changed (wake its watchers)
+    STOP = "s"  #: subject: an instance key; terminated or restarted: stop its activation
+    MISSED = "*"  #: (delivered by listen, never announced) notices may have been lost
+
+
+#: ``Store.listen``'s callback: a batch of (notice, subject), called from another thread.
+NoticeHandler = Callable[[list[tuple[Notice, str]]], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +67,12 @@ UNSET: Any = _Unset()
 
 class StoreTxn(ABC):
     """Domain operations inside one transaction."""
+
+    def announce(self, notice: Notice, subject: str | int) -> None:  # noqa: B027 - optional
+        """Tell the other supervisors sharing the store, once this transaction commits.
+
+        Nothing to do on a store one supervisor has to itself (the default).
+        """
 
     # -- instances ---------------------------------------------------------------
 
@@ -241,6 +267,11 @@ class Store(ABC):
     @abstractmethod
     def read(self, fn: Callable[[StoreTxn], T]) -> T:
         """Run ``fn`` on a consistent read-only snapshot."""
+
+    def listen(self, on_notices: NoticeHandler) -> Callable[[], None]:
+        """Hear the other supervisors' notices (``on_notices`` runs on another thread);
+        returns a function that stops listening. Nothing to hear by default."""
+        return lambda: None
 
     @abstractmethod
     def close(self) -> None:

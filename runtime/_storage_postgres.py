@@ -39,6 +39,7 @@ retried with a capped backoff for up to ``reconnect_timeout`` seconds (DBOS's
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import threading
@@ -52,7 +53,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
 
 from ._models import InstanceRecord, InstanceStatus, LogRecord, StepRecord
-from ._storage import UNSET, Outcome, Store, StoreTxn, Unit
+from ._storage import UNSET, Notice, NoticeHandler, Outcome, Store, StoreTxn, Unit
 from ._storage_sql import (
     _INSTANCE_COLUMNS,
     _STEP_COLUMNS,
@@ -73,6 +74,8 @@ log = logging.getLogger("tenantflow.storage")
 _RETRY_FIRST: Final = 0.05
 _RETRY_CAP: Final = 2.0
 DEFAULT_RECONNECT_TIMEOUT: Final = 60.0
+#: How often the listener looks up from waiting (to notice it should stop).
+_LISTEN_WAKE_SECONDS: Final = 0.5
 
 
 class _ConnectionLost(StorageError):
@@ -233,6 +236,13 @@ class PostgresTxn(SqlTxn):
 
     def __init__(self, conn: Connection) -> None:
         self._c = conn
+        #: Notices to send with the commit (a set: a batch of 100 creates of one tenant
+        #: sends one). A unit rolled back to its savepoint may leave one here: a
+        #: notice that turns out to be about nothing costs the others one look.
+        self.announced: set[str] = set()
+
+    def announce(self, notice: Notice, subject: str | int) -> None:
+        self.announced.add(f"{notice.value} {subject}")
 
     def _run(self, query: str, args: Sequence[Any] = ()) -> Any:
         # The shared queries are written with SQLite's "?"; none contains a literal "?".
@@ -482,6 +492,8 @@ class PostgresStore(Store):
         self._write_lock = threading.Lock()
         self._read_lock = threading.Lock()
         self._closed = False
+        #: The NOTIFY channel of this schema (supervisors on other schemas never hear it).
+        self.channel = ""
         self._writer = self._connect()
         try:
             self._migrate()
@@ -550,6 +562,7 @@ class PostgresStore(Store):
                         "PostgreSQL has no schema to create tables in: none of search_path "
                         "exists; pass schema= or options=-csearch_path=NAME in the URL"
                     )
+            self.channel = _channel(schema)
             # Fast path, no DDL and no lock (a role without CREATE privilege may start).
             if self._schema_version(schema) != SCHEMA_VERSION:
                 # One migrator at a time per schema; the others wait, then find it done.
@@ -660,6 +673,12 @@ class PostgresStore(Store):
                     if isolated:
                         conn.execute("RELEASE SAVEPOINT unit")
                     outcomes.append(Outcome(value=value))
+            if txn.announced:
+                # NOTIFY is transactional: delivered at COMMIT, never if rolled back.
+                conn.execute(
+                    "SELECT pg_notify(%s, m) FROM unnest(%s::text[]) AS m",
+                    (self.channel, sorted(txn.announced)),
+                )
             committing = True
             conn.commit()
         except psycopg.Error as exc:
@@ -695,6 +714,62 @@ class PostgresStore(Store):
                     raise
                 return result
 
+    def listen(self, on_notices: NoticeHandler) -> Callable[[], None]:
+        """LISTEN on a connection of its own, in a thread of its own.
+
+        A lost connection is replaced (capped backoff, for as long as it takes); since
+        notices sent meanwhile are gone, ``on_notices`` then gets ``Notice.MISSED``.
+        Our own notices (sent by our writer's backend) are left out.
+        """
+        stop = threading.Event()
+        thread = threading.Thread(
+            target=self._listen, args=(on_notices, stop), name="tenantflow-listen", daemon=True
+        )
+        thread.start()
+
+        def stop_listening() -> None:
+            stop.set()
+            thread.join(timeout=5)
+
+        return stop_listening
+
+    def _listen(self, on_notices: NoticeHandler, stop: threading.Event) -> None:
+        conn: Connection | None = None
+        delay = _RETRY_FIRST
+        lost = False
+        while not stop.is_set() and not self._closed:
+            try:
+                if conn is None:
+                    conn = psycopg.connect(self.url, autocommit=True)
+                    conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+                    delay = _RETRY_FIRST
+                    if lost:
+                        on_notices([(Notice.MISSED, "")])
+                # Each notice is handed over as it arrives (the handler coalesces them).
+                for note in conn.notifies(timeout=_LISTEN_WAKE_SECONDS):
+                    if note.pid == self._writer.info.backend_pid:
+                        continue  # our own
+                    kind, _, subject = note.payload.partition(" ")
+                    try:
+                        notice = Notice(kind)
+                    except ValueError:
+                        log.warning("ignoring an unknown notice %r", note.payload[:100])
+                        continue
+                    on_notices([(notice, subject)])
+            except psycopg.Error as exc:
+                if conn is not None:
+                    conn.close()
+                conn, lost = None, True
+                if stop.is_set() or self._closed:
+                    break
+                log.warning(
+                    "PostgreSQL listener lost its connection; again in %.2fs: %s", delay, exc
+                )
+                stop.wait(delay)
+                delay = min(_RETRY_CAP, delay * 2)
+        if conn is not None:
+            conn.close()
+
     def close(self) -> None:
         if self._closed:
             return
@@ -704,6 +779,14 @@ class PostgresStore(Store):
                 conn.close()
             except psycopg.Error:
                 pass
+
+
+def _channel(schema: str) -> str:
+    """The NOTIFY channel of a schema: an identifier of at most 63 bytes."""
+    name = f"tenantflow.{schema}"
+    if len(name.encode()) > 63:
+        name = "tenantflow." + hashlib.sha256(schema.encode()).hexdigest()[:40]
+    return name
 
 
 def _rollback(conn: Connection) -> None:

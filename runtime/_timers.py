@@ -36,7 +36,7 @@ from sandbox.protocol import ErrorInfo, StepKind, StepStatus
 
 from ._activation import _with
 from ._models import InstanceStatus
-from ._storage import Outcome, StoreTxn
+from ._storage import Notice, Outcome, StoreTxn
 from .errors import StorageError
 
 if TYPE_CHECKING:
@@ -71,6 +71,9 @@ def wake_due(txn: StoreTxn, now: float, limit: int) -> tuple[Woken, float | None
                 txn.put_step(key, None, _with(step, StepStatus.ERRORED, ended_at=now, error=error))
             # a due retry stays 'retrying': the next activation runs its next attempt
         txn.update_instance(key, now, status=InstanceStatus.QUEUED, wake_at=None, priority=0)
+        txn.announce(Notice.CHANGED, key)
+    for tenant_id in {tenant_id for _, tenant_id in due}:
+        txn.announce(Notice.QUEUED, tenant_id)
     return due, txn.next_wake_at()
 
 
