@@ -543,8 +543,12 @@ function selectTab(name) {
 }
 
 function showCompileError(error) {
-  const where = error.line ? `${error.file || "main.py"}, line ${error.line}` : error.file || "";
-  $("compile-error-text").textContent = where ? `${where}: ${error.message}` : error.message;
+  const where = error.line ? `${error.file || "main.py"}, line ${error.line}` : "";
+  // The message names the place too ("main.py:4: ..." or "... (at main.py:4)"): say it once.
+  const what = where
+    ? error.message.replace(/^[\w.]+:\d+: /, "").replace(/ \(at [\w.]+:\d+\)$/, "")
+    : error.message;
+  $("compile-error-text").textContent = where ? `${where}: ${what}` : what;
   $("compile-error").hidden = false;
   $("compile-error").dataset.line = error.line || "";
   $("compile-error-goto").hidden = !error.line;

@@ -61,6 +61,22 @@ class TenantWorkflow(WorkflowEntrypoint):
         return step.do("charge", refuse)
 """
 
+FLAKY = """\
+from tenantflow import WorkflowEntrypoint
+
+
+def flaky(ctx):
+    if ctx.attempt < 3:
+        raise ValueError("not yet, attempt " + str(ctx.attempt))
+    return {"attempt": ctx.attempt}
+
+
+class TenantWorkflow(WorkflowEntrypoint):
+    def run(self, event, step):
+        retries = {"limit": 3, "delay": "1 second", "backoff": "constant"}
+        return step.do("flaky", flaky, retries=retries)
+"""
+
 SLEEPY = """\
 from tenantflow import WorkflowEntrypoint
 
@@ -242,6 +258,22 @@ def test_a_failing_workflow_shows_its_error(ui: Ui) -> None:
     expect(page.locator("#steps li").nth(1)).to_contain_text("card declined")
     expect(page.locator("#result-error")).to_contain_text("card declined")
     ui.shot("errored")
+    ui.assert_clean()
+
+
+def test_a_retried_step_shows_its_attempts(ui: Ui) -> None:
+    from playwright.sync_api import expect
+
+    page = ui.page
+    page.evaluate(RECORD_STEPS)
+    ui.run(FLAKY, "{}")
+    expect(page.locator("#view-status")).to_have_text("complete", timeout=WAIT_MS)
+    expect_step(ui, 0, "flaky", "complete")
+    expect(page.locator("#result-output")).to_contain_text('"attempt": 3')
+    # Between attempts (a one-second durable wait) the step showed that it was retrying.
+    seen: list[str] = page.evaluate("window.seenSteps")
+    assert "flaky:retrying" in seen, seen
+    assert seen.index("flaky:retrying") < seen.index("flaky:complete"), seen
     ui.assert_clean()
 
 
