@@ -307,3 +307,20 @@ async def test_the_assets_ship_with_their_types(pg_api: PlaygroundApi) -> None:
     assert (await client.get("/playground/nope.js")).status_code == 404
     assert (await client.get("/playground/login.html")).status_code == 404
     assert (await client.post("/playground")).status_code == 405
+
+
+def test_every_asset_is_package_data() -> None:
+    """A non-editable install carries the page: each asset matches a package-data glob."""
+    import fnmatch
+    import tomllib
+
+    root = Path(__file__).resolve().parents[2]
+    config = tomllib.loads((root / "pyproject.toml").read_text())
+    globs = config["tool"]["setuptools"]["package-data"]["runtime"]
+    folder = root / "runtime" / "playground"
+    assets = sorted(p.relative_to(root / "runtime") for p in folder.iterdir())
+    assert {"index.html", "login.html", "app.js", "app.css", "example.txt"} <= {
+        a.name for a in assets
+    }
+    for asset in assets:
+        assert any(fnmatch.fnmatch(str(asset), g) for g in globs), f"{asset} is not package data"
