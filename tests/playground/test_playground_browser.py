@@ -261,6 +261,34 @@ def test_a_failing_workflow_shows_its_error(ui: Ui) -> None:
     ui.assert_clean()
 
 
+def test_the_view_pauses_resumes_terminates_and_restarts(ui: Ui) -> None:
+    from playwright.sync_api import expect
+
+    page = ui.page
+    status = page.locator("#view-status")
+    ui.run(APPROVAL_FLOW, '{"sku": "P-7"}')
+    expect_step(ui, 2, "approval", "waiting")
+    page.locator('[data-action="pause"]').click()
+    expect(status).to_have_text("paused", timeout=WAIT_MS)
+    expect(page.locator("#action-message")).to_contain_text("pause: the instance is paused")
+    expect(page.locator('[data-action="pause"]')).to_be_disabled()
+    page.locator('[data-action="resume"]').click()
+    expect(status).to_have_text("waiting", timeout=WAIT_MS)
+    page.locator('[data-action="terminate"]').click()
+    expect(status).to_have_text("terminated", timeout=WAIT_MS)
+    expect(page.locator("#result")).to_contain_text("terminated")
+    expect(page.locator("#send-event")).to_be_disabled()
+    ui.shot("terminated")
+    # A restart discards the journal and runs the instance again from the start.
+    page.locator('[data-action="restart"]').click()
+    expect_step(ui, 2, "approval", "waiting")
+    expect(status).to_have_text("waiting", timeout=WAIT_MS)
+    page.locator("#send-event").click()
+    expect(status).to_have_text("complete", timeout=WAIT_MS)
+    expect(page.locator("#result-output")).to_contain_text('"shipped": "P-7"')
+    ui.assert_clean()
+
+
 def test_a_retried_step_shows_its_attempts(ui: Ui) -> None:
     from playwright.sync_api import expect
 
