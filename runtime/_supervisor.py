@@ -152,11 +152,11 @@ class Supervisor:
     async def restore_stored_tenant(self, tenant_id: str) -> str | None:
         """Bring back a database-only tenant after a restart; its version, or None.
 
-        No table records which version is a stored tenant's current one; its newest
-        instance pins the version that was current when that instance was created, which
-        is the newest version that loaded and ran (a version that failed to load never
-        gets an instance). Only versions that loaded get instances, so this is exact
-        unless a version was stored and checked without being run.
+        No table records which of a stored tenant's versions is current (adding one is
+        a schema change for both backends). Its newest instance pins the version that
+        was current when that instance was created, so that version is taken: a version
+        that fails to load never gets an instance, and one made current by a check but
+        never run is the only thing a restart forgets. No instance: nothing to restore.
         """
         state = self.registry.tenants.get(tenant_id)
         if state is not None and state.present:

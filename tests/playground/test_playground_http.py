@@ -212,6 +212,31 @@ async def test_a_folder_tenant_cannot_be_the_playground(pg_config: SupervisorCon
             await supervisor.put_source(PLAYGROUND_TENANT, {"main.py": WAITER})
 
 
+async def test_folder_scans_keep_a_database_tenant(
+    pg_api: PlaygroundApi, pg_config: SupervisorConfig
+) -> None:
+    registry = pg_api.supervisor.registry
+    version, error = await registry.put_source(PLAYGROUND_TENANT, {"main.py": WAITER})
+    assert error is None
+    await registry.refresh()  # no folder: the tenant stays
+    assert registry.current_version(PLAYGROUND_TENANT) == version
+    # A folder of the same name appearing later is ignored while the tenant exists.
+    assert pg_config.tenants_dir is not None
+    folder = pg_config.tenants_dir / PLAYGROUND_TENANT
+    folder.mkdir()
+    (folder / "main.py").write_text(WAITER.replace("VERSION = 1", "VERSION = 3"))
+    await registry.refresh()
+    assert registry.current_version(PLAYGROUND_TENANT) == version
+    assert registry.tenants[PLAYGROUND_TENANT].source == "database"
+    for tenant_id, files, reason in [
+        (PLAYGROUND_TENANT, {"../main.py": WAITER}, "not a tenant file name"),
+        (PLAYGROUND_TENANT, {"helpers.py": "x = 1"}, "no main.py"),
+        ("Not A Tenant", {"main.py": WAITER}, "not a valid tenant id"),
+    ]:
+        with pytest.raises(ValueError, match=reason):
+            await registry.put_source(tenant_id, files)
+
+
 async def test_the_playground_tenant_comes_back_after_a_restart(
     pg_config: SupervisorConfig,
 ) -> None:
