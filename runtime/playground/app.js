@@ -102,6 +102,12 @@ function parseJson(text, what) {
 
 // ---------------------------------------------------------------------------- editor
 
+// Where the line holding offset `at` starts. (lastIndexOf would read a negative
+// start as 0 and find a newline at offset 0 for a cursor before it.)
+function lineStart(text, at) {
+  return at === 0 ? 0 : text.lastIndexOf("\n", at - 1) + 1;
+}
+
 // A textarea with a line-number gutter. Edits go through execCommand("insertText") so
 // the browser's undo history keeps them; setRangeText is the fallback.
 class Editor {
@@ -232,7 +238,7 @@ class Editor {
   selectedLines() {
     const text = this.area.value;
     const { selectionStart: s, selectionEnd: e } = this.area;
-    const first = text.lastIndexOf("\n", s - 1) + 1;
+    const first = lineStart(text, s);
     // A selection ending at a line start does not take that line in.
     const endAt = e > s && text[e - 1] === "\n" ? e - 1 : e;
     let last = text.indexOf("\n", endAt);
@@ -245,7 +251,7 @@ class Editor {
     const { selectionStart: s, selectionEnd: e } = area;
     const text = area.value;
     if (!text.slice(s, e).includes("\n")) {
-      const column = s - (text.lastIndexOf("\n", s - 1) + 1);
+      const column = s - lineStart(text, s);
       this.replace(s, e, " ".repeat(INDENT.length - (column % INDENT.length)));
       return;
     }
@@ -277,8 +283,7 @@ class Editor {
   newline() {
     const { selectionStart: s, selectionEnd: e } = this.area;
     const text = this.area.value;
-    const lineStart = text.lastIndexOf("\n", s - 1) + 1;
-    const before = text.slice(lineStart, s);
+    const before = text.slice(lineStart(text, s), s);
     let indent = before.match(/^[ \t]*/)[0];
     if (before.trimEnd().endsWith(":")) indent += INDENT;
     this.replace(s, e, "\n" + indent);

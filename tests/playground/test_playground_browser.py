@@ -323,6 +323,11 @@ def test_tab_indents_and_shift_tab_dedents(ui: Ui) -> None:
     expect(editor).to_have_value("    def f():\n    return 1\n    return 2")
     page.keyboard.press("Shift+Tab")
     expect(editor).to_have_value("def f():\nreturn 1\nreturn 2")
+    # At the very start, before an empty first line.
+    editor.fill("\nx")
+    editor.evaluate("(el) => el.setSelectionRange(0, 0)")
+    page.keyboard.press("Tab")
+    expect(editor).to_have_value("    \nx")
     # Enter keeps the indentation, one level more after a colon.
     editor.fill("if ready:")
     editor.press("End")
