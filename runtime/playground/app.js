@@ -296,12 +296,9 @@ class Editor {
 function expectedSteps(source) {
   const pattern = /step\.(do|sleep|sleep_until|wait_for_event)\(\s*(["'])((?:(?!\2).)+)\2/g;
   const kinds = { do: "do", sleep: "sleep", sleep_until: "sleep", wait_for_event: "waitForEvent" };
-  const found = [];
-  for (const line of source.split("\n")) {
-    if (line.trimStart().startsWith("#")) continue;
-    for (const match of line.matchAll(pattern)) found.push({ name: match[3], type: kinds[match[1]] });
-  }
-  return found;
+  // Comment lines out; the rest as one text, as a call may put its name on the next line.
+  const code = source.split("\n").filter((line) => !line.trimStart().startsWith("#")).join("\n");
+  return [...code.matchAll(pattern)].map((match) => ({ name: match[3], type: kinds[match[1]] }));
 }
 
 // ---------------------------------------------------------------------------- live view

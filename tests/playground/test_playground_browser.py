@@ -426,8 +426,12 @@ def test_a_narrow_window_stacks_the_panes(
     ui = open_ui(browser, shared_server, tmp_path, viewport=NARROW)
     try:
         page = ui.page
-        ui.run(APPROVAL_FLOW, '{"sku": "N-1"}')
+        page.locator("#reset-example").click()  # the example, with its example payload
+        page.locator("#run").click()
+        expect_step(ui, 0, "check order", "complete")
+        expect_step(ui, 1, "cool off", "complete")
         expect_step(ui, 2, "approval", "waiting")
+        expect_step(ui, 3, "charge", "pending")
         # Nothing is wider than the window, and the panes are stacked.
         assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
         left = page.locator(".left").bounding_box()
@@ -435,8 +439,10 @@ def test_a_narrow_window_stacks_the_panes(
         assert left is not None and right is not None
         assert right["y"] >= left["y"] + left["height"]
         ui.shot("narrow")
-        page.locator("#send-event").click()
+        page.locator("#send-event").click()  # the example event: approved by alice
         expect(page.locator("#view-status")).to_have_text("complete", timeout=WAIT_MS)
+        expect(page.locator("#result-output")).to_contain_text('"approved_by": "alice"')
+        expect(page.locator("#logs")).to_contain_text("charging 12, approved by alice")
         ui.assert_clean()
     finally:
         ui.page.context.close()
