@@ -2,12 +2,15 @@
 
 A tenant's code version is the SHA-256 of its files (names and contents, in a fixed
 order), so the same code always has the same version and any change makes a new one.
+``tenant_code`` builds a version from files held in memory (source sent by the browser
+playground, kept only in the database), with the same limits as a folder.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -21,10 +24,13 @@ __all__ = [
     "fingerprint",
     "read_tenant",
     "scan_tenants",
+    "tenant_code",
 ]
 
 _MAX_FILE_BYTES: Final = 256 * 1024
 _MAX_FILES: Final = 64
+#: A tenant file: a module name (importable by its siblings) or ``tenant.toml``.
+_FILE_NAME: Final = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,99}\.py|tenant\.toml")
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +88,26 @@ def read_tenant(folder: Path) -> TenantCode:
     if "main.py" not in files:
         raise ValueError(f"{folder}: no main.py")
     return TenantCode(tenant_id, code_version(files), files)
+
+
+def tenant_code(tenant_id: str, files: dict[str, str]) -> TenantCode:
+    """A code version given as files rather than read from a folder (the playground's).
+
+    The same limits as a folder apply, and file names must be plain module names, so
+    stored source can never name a path. Raises ValueError naming what is wrong.
+    """
+    if not TENANT_ID_PATTERN.fullmatch(tenant_id):
+        raise ValueError(f"{tenant_id!r} is not a valid tenant id")
+    if len(files) > _MAX_FILES:
+        raise ValueError(f"more than {_MAX_FILES} files")
+    for name, text in files.items():
+        if not _FILE_NAME.fullmatch(name):
+            raise ValueError(f"{name!r} is not a tenant file name (module.py or tenant.toml)")
+        if len(text.encode()) > _MAX_FILE_BYTES:
+            raise ValueError(f"{name}: larger than {_MAX_FILE_BYTES} bytes")
+    if "main.py" not in files:
+        raise ValueError("no main.py")
+    return TenantCode(tenant_id, code_version(files), dict(files))
 
 
 def scan_tenants(root: Path) -> dict[str, TenantCode]:

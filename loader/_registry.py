@@ -5,6 +5,11 @@ content-addressed, before anything runs on it, so an instance resumes on the ver
 it started with even after the folder changed or vanished, on any supervisor that
 shares the database. A version whose code does not load is remembered with its error
 (file, line, message) and the tenant's earlier version, if any, stays current.
+
+A tenant may also have no folder at all: ``put_source`` adopts code sent as files (the
+browser playground's), which then lives only in the database. Such a tenant is marked
+``source="database"``; folder scans never hide it, and a folder of the same name is
+ignored while it exists (the two would fight over the current version).
 """
 
 from __future__ import annotations
@@ -15,12 +20,12 @@ import tomllib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgpack
 import trio
 
-from ._directory import Fingerprint, TenantCode, fingerprint, read_tenant
+from ._directory import Fingerprint, TenantCode, fingerprint, read_tenant, tenant_code
 
 __all__ = ["TenantLimits", "TenantRegistry", "TenantState"]
 
@@ -57,7 +62,8 @@ class TenantState:
     limits: TenantLimits = field(default_factory=TenantLimits)
     load_error: str | None = None  #: "main.py:3: invalid syntax" for the newest version
     failed_version: str | None = None
-    present: bool = True  #: its folder exists
+    present: bool = True  #: its folder exists (always True for a database tenant)
+    source: Literal["folder", "database"] = "folder"  #: where its newest code comes from
 
 
 def parse_limits(files: dict[str, str]) -> TenantLimits:
@@ -98,6 +104,7 @@ class TenantRegistry:
         self.tenants: dict[str, TenantState] = {}
         self._seen: dict[str, str] = {}  # tenant -> newest version looked at
         self._prints: dict[str, Fingerprint] = {}  # tenant -> its files when last read
+        self._shadowed: set[str] = set()  # database tenants whose name a folder also has
 
     def current_version(self, tenant_id: str) -> str | None:
         state = self.tenants.get(tenant_id)
@@ -117,8 +124,16 @@ class TenantRegistry:
         if self.root is None or not self.root.is_dir():
             return []
         scanned = await trio.to_thread.run_sync(self._scan)
+        for tenant_id in self._stored() & set(scanned):
+            if tenant_id not in self._shadowed:
+                log.warning(
+                    "tenant %s: its code lives in the database; ignoring its folder",
+                    tenant_id,
+                )
+                self._shadowed.add(tenant_id)
+            del scanned[tenant_id]
         changed: list[str] = []
-        for tenant_id in set(self.tenants) - set(scanned):
+        for tenant_id in set(self.tenants) - set(scanned) - self._stored():
             self.tenants[tenant_id].present = False
         for tenant_id in set(self.tenants) & set(scanned):
             self.tenants[tenant_id].present = True
@@ -138,6 +153,35 @@ class TenantRegistry:
             state.present = True
             self.tenants.setdefault(tenant_id, state)
         return changed
+
+    def _stored(self) -> set[str]:
+        return {t for t, s in self.tenants.items() if s.source == "database"}
+
+    async def put_source(self, tenant_id: str, files: dict[str, str]) -> tuple[str, str | None]:
+        """Adopt code given as files, stored only in the database: ``(version, error)``.
+
+        The version is stored even when it fails to load (the error names file and line,
+        as for a folder); then the tenant's earlier version, if any, stays current.
+        Raises ValueError for a tenant that has a folder, a bad tenant id or bad files.
+        Sending the current or the last failed version again costs no new probe.
+        """
+        code = tenant_code(tenant_id, files)
+        state = self.tenants.get(tenant_id)
+        if state is None:
+            # Registered before the probe, so a failing first version is still listed
+            # with its error, as a folder tenant's would be.
+            state = self.tenants[tenant_id] = TenantState(tenant_id, source="database")
+        elif state.source != "database" and state.present:
+            raise ValueError(f"tenant {tenant_id!r} has a folder: its code comes from there")
+        state.source, state.present = "database", True
+        if state.version == code.version:
+            return code.version, None
+        if state.failed_version == code.version and state.load_error is not None:
+            return code.version, state.load_error
+        await self._adopt(state, code)
+        if state.version == code.version:
+            return code.version, None
+        return code.version, state.load_error or "the code failed to load"
 
     def _scan(self) -> dict[str, TenantCode | Exception | None]:
         """Tenant folders -> their code, the error reading it, or None if unchanged."""

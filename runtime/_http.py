@@ -4,7 +4,10 @@
 trio worker. Routing, in order::
 
     /healthz                         open
-    /metrics, /v1/...                admin: bearer token when one is configured
+    /metrics, /v1/...                admin: bearer token when one is configured (with
+                                     --playground also its session cookie)
+    /playground[/...]                with --playground: the browser playground
+                                     (runtime/_http_playground.py)
     /t/{tenant}/{path}               tenant ingress (open): the tenant sees /{path}
     any other path + x-tenant-id     tenant ingress (open): the tenant sees the path
     anything else                    404 not_found
@@ -42,6 +45,7 @@ from ._http_io import (
 )
 from ._http_metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ._http_metrics import render_metrics
+from ._http_playground import Playground, is_page_path
 from ._http_sse import SSE_HEADERS, follow_instance, sse_event
 from ._models import InstanceStatus
 from ._runner import RunnerError
@@ -96,6 +100,7 @@ class TenantflowApp:
         admin_token: str | None = None,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         heartbeat_interval: float = DEFAULT_HEARTBEAT_SECONDS,
+        playground: bool = False,
     ) -> None:
         if max_body_bytes < 0:
             raise ValueError("max_body_bytes must not be negative")
@@ -119,6 +124,15 @@ class TenantflowApp:
             ("POST", _INSTANCE + "/events", self._send_event),
             ("GET", _INSTANCE + "/logs", self._logs),
         ]
+        #: The browser playground, when served; its API routes exist only then.
+        self.playground: Playground | None = None
+        if playground:
+            self.playground = pg = Playground(supervisor, admin_token=self._token)
+            table += [
+                ("GET", "/v1/playground", lambda call: pg.describe(call.request, call.reply)),
+                ("POST", "/v1/playground/code", lambda call: pg.check(call.request, call.reply)),
+                ("POST", "/v1/playground/runs", lambda call: pg.run(call.request, call.reply)),
+            ]
         self._routes = [_Route(m, re.compile(f"^{p}$"), h) for m, p, h in table]
 
     # ------------------------------------------------------------------ ASGI
@@ -148,6 +162,10 @@ class TenantflowApp:
     async def _dispatch(self, request: HttpRequest, reply: Responder) -> None:
         path = request.path
         admin = path == "/metrics" or path == "/v1" or path.startswith("/v1/")
+        if self.playground is not None and is_page_path(path):
+            authorized = self._authorized(request)
+            await self.playground.page(request, reply, authorized=authorized)
+            return
         if admin and not self._authorized(request):
             await reply.json(
                 401,
@@ -184,7 +202,9 @@ class TenantflowApp:
     def _authorized(self, request: HttpRequest) -> bool:
         if self._token is None:
             return True
-        return self._carries_token(request.headers.get("authorization"))
+        if self._carries_token(request.headers.get("authorization")):
+            return True
+        return self.playground is not None and self.playground.session_ok(request)
 
     def _carries_token(self, header: str | None) -> bool:
         if self._token is None or header is None:
@@ -393,13 +413,14 @@ async def serve_http(
     admin_token: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     heartbeat_interval: float = DEFAULT_HEARTBEAT_SECONDS,
+    playground: bool = False,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the HTTP API with hypercorn until cancelled.
 
     ``task_status.started`` receives the port listened on (``port=0`` picks a free
     one). A non-loopback ``host`` needs an ``admin_token``: the admin API must not be
-    open to the network.
+    open to the network. ``playground`` serves the browser playground at /playground.
     """
     if admin_token is None and not _is_loopback(host):
         raise ValueError(f"refusing to serve on non-loopback host {host!r} without an admin token")
@@ -408,6 +429,7 @@ async def serve_http(
         admin_token=admin_token,
         max_body_bytes=max_body_bytes,
         heartbeat_interval=heartbeat_interval,
+        playground=playground,
     )
     config = HypercornConfig()
     config.bind = [

@@ -61,6 +61,9 @@ class SupervisorConfig:
     lease_seconds: float = 15.0  #: PostgreSQL: a running instance's lease (SPEC 10)
     loader: str | None = None  #: "module:callable", the platform's load_runner
     scan_interval: float = 1.0
+    #: Tenants whose code lives only in the database (the playground's): at start each
+    #: is restored on the code version of its newest instance.
+    stored_tenants: tuple[str, ...] = ()
 
 
 def import_loader(spec: str) -> LoadRunner:
@@ -131,11 +134,46 @@ class Supervisor:
                 "code_version": state.version,
                 "sandbox": "warm" if self.sandboxes.is_warm(state.tenant_id) else "cold",
                 "instances": counts.get(state.tenant_id, {}),
+                **({"source": "database"} if state.source == "database" else {}),
                 **({"load_error": state.load_error} if state.load_error else {}),
             }
             for state in sorted(self.registry.tenants.values(), key=lambda s: s.tenant_id)
             if state.present
         ]
+
+    async def put_source(self, tenant_id: str, files: dict[str, str]) -> tuple[str, str | None]:
+        """Store code sent as files as a new code version of ``tenant_id`` (no folder).
+
+        ``(version, None)`` when it loads (it is now the tenant's current version), or
+        ``(version, error)`` naming file and line. ValueError for a folder tenant.
+        """
+        return await self.registry.put_source(tenant_id, files)
+
+    async def restore_stored_tenant(self, tenant_id: str) -> str | None:
+        """Bring back a database-only tenant after a restart; its version, or None.
+
+        No table records which of a stored tenant's versions is current (adding one is
+        a schema change for both backends). Its newest instance pins the version that
+        was current when that instance was created, so that version is taken: a version
+        that fails to load never gets an instance, and one made current by a check but
+        never run is the only thing a restart forgets. No instance: nothing to restore.
+        """
+        state = self.registry.tenants.get(tenant_id)
+        if state is not None and state.present:
+            return state.version  # a folder of that name, or already restored
+        page, _ = await self.engine.list_instances(tenant_id, limit=1)
+        if not page:
+            return None
+        record = (await self.engine.get(tenant_id, page[0].instance_id)).record
+        try:
+            files = await self.code_files(tenant_id, record.code_version)
+        except RunnerError as exc:
+            log.warning("cannot restore tenant %s: %s", tenant_id, exc)
+            return None
+        version, error = await self.put_source(tenant_id, dict(files))
+        if error is not None:
+            log.warning("tenant %s: restored code version %s fails: %s", tenant_id, version, error)
+        return version
 
     # -- tenant ingress --------------------------------------------------------------
 
@@ -275,6 +313,8 @@ async def open_supervisor(
             async with trio.open_nursery() as nursery:
                 await nursery.start(engine.run)
                 await registry.refresh()
+                for tenant_id in config.stored_tenants:
+                    await supervisor.restore_stored_tenant(tenant_id)
                 nursery.start_soon(registry.watch, config.scan_interval)
                 try:
                     yield supervisor

@@ -91,6 +91,7 @@ class ServeOptions:
     port: int
     admin_token: str | None
     grace: float
+    playground: bool = False  #: serve the browser playground at /playground
     started: bool = False  #: the HTTP server is up (failures from now on are not startup's)
 
 
@@ -186,6 +187,13 @@ def client_url(host: str, port: int) -> str:
     show_default=True,
     help="On SIGINT/SIGTERM, seconds running instances get to reach a step boundary.",
 )
+@click.option(
+    "--playground",
+    is_flag=True,
+    help="Serve the browser playground at /playground (behind the admin token when one "
+    "is set: open /playground?token=TOKEN once). Its tenant, 'playground', keeps its "
+    "code in the database only.",
+)
 @click.pass_context
 def serve(
     ctx: click.Context,
@@ -200,6 +208,7 @@ def serve(
     lease_seconds: float,
     loader: str | None,
     grace: float,
+    playground: bool,
 ) -> None:
     """Run the supervisor: the engine, the sandboxes and the HTTP API.
 
@@ -207,6 +216,7 @@ def serve(
     instances get --grace seconds, then sandboxes stop and the database closes
     (everything acknowledged is already durable; unfinished steps run again later).
     """
+    from ._http_playground import PLAYGROUND_TENANT
     from ._supervisor import SupervisorConfig, import_loader
 
     admin_token = admin_token or None
@@ -234,13 +244,14 @@ def serve(
         idle_timeout=idle_timeout,
         lease_seconds=lease_seconds,
         loader=loader,
+        stored_tenants=(PLAYGROUND_TENANT,) if playground else (),
     )
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    options = ServeOptions(host, port, admin_token, grace)
+    options = ServeOptions(host, port, admin_token, grace, playground)
     try:
         trio.run(_serve, config, options)
     except (Exception, BaseExceptionGroup) as exc:
@@ -286,6 +297,7 @@ async def _serve(config: SupervisorConfig, options: ServeOptions) -> None:
                         host=options.host,
                         port=options.port,
                         admin_token=options.admin_token,
+                        playground=options.playground,
                         task_status=task_status,
                     )
 
@@ -352,6 +364,10 @@ def _banner(supervisor: Supervisor, options: ServeOptions, port: int) -> None:
     _say(f"  tenantflow trigger {example} --params '{{}}'")
     _say(f"  tenantflow instances describe {example} ID --follow")
     _say(f"  curl {url}/t/{example}/   # the tenant's fetch()")
+    if options.playground:
+        _say(f"Playground: {url}/playground")
+        if options.admin_token:
+            _say(f"  first visit: {url}/playground?token=<the admin token> (sets a cookie)")
     _say("Ctrl-C or SIGTERM stops it gracefully.")
 
 

@@ -273,9 +273,10 @@ class _Child:
         except TenantCompileError as exc:
             return ErrorInfo("TenantLoadError", str(exc), False, code="tenant.load_failed")
         except BaseException as exc:  # module-level tenant code may raise anything
+            where = _tenant_location(exc, message.files)
             return ErrorInfo(
                 "TenantLoadError",
-                f"main.py raised {type(exc).__name__}: {exc}",
+                f"main.py raised {type(exc).__name__}: {exc}{where}",
                 False,
                 code="tenant.load_failed",
             )
@@ -359,3 +360,19 @@ def serve(sock_fd: int, limits: SandboxLimits, missing: dict[str, str]) -> NoRet
     except BaseException:  # nothing may escape a forked child: it must exit here
         code = 1
     os._exit(code)
+
+
+def _tenant_location(exc: BaseException, files: Mapping[str, str]) -> str:
+    """`` (at main.py:4)`` for the innermost tenant frame of ``exc``'s traceback, or "".
+
+    Tenant modules are compiled with their file name, so a frame whose file is one of
+    the tenant's is tenant code; the innermost one is the line the developer must fix.
+    """
+    location = ""
+    tb = exc.__traceback__
+    while tb is not None:
+        filename = tb.tb_frame.f_code.co_filename
+        if filename in files:
+            location = f" (at {filename}:{tb.tb_lineno})"
+        tb = tb.tb_next
+    return location
