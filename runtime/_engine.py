@@ -443,9 +443,7 @@ class Engine:
         check_payload(params, "params")
         now = self.clock.now()
         await self.writer.submit(
-            lambda txn: txn.insert_instance(
-                tenant_id, iid, workflow_name, code_version, params, now
-            )
+            _insert_unit(tenant_id, iid, code_version, params, now, workflow_name)
         )
         self.kick_dispatch(tenant_id)
         return iid, InstanceStatus.QUEUED
@@ -950,12 +948,15 @@ def _is_limit(crash: RunnerError) -> bool:
 
 
 def _insert_unit(
-    tenant_id: str, instance_id: str, code_version: str, params: Any, now: float
+    tenant_id: str,
+    instance_id: str,
+    code_version: str,
+    params: Any,
+    now: float,
+    workflow_name: str = DEFAULT_WORKFLOW,
 ) -> Callable[[StoreTxn], int]:
     def unit(txn: StoreTxn) -> int:
-        key = txn.insert_instance(
-            tenant_id, instance_id, DEFAULT_WORKFLOW, code_version, params, now
-        )
+        key = txn.insert_instance(tenant_id, instance_id, workflow_name, code_version, params, now)
         txn.announce(Notice.QUEUED, tenant_id)
         return key
 
