@@ -32,6 +32,8 @@ __all__ = ["FairDispatcher"]
 #: How often an idle dispatcher looks in the database for queued work it was not told
 #: about (a safety net: every path that queues an instance also tells it).
 _SAFETY_NET_SECONDS = 5.0
+#: While writes lag (back-pressure), how often to look whether they caught up.
+_CONGESTED_RETRY_SECONDS = 0.1
 
 
 class FairDispatcher:
@@ -79,6 +81,10 @@ class FairDispatcher:
                 queued = await engine.read(lambda txn: txn.queued_tenants(10_000))
                 self.queued_tenants.update(queued)
             started = await self._round()
+            if started == 0 and engine.write_congested():
+                # Back-pressure: start nothing while the database lags; look again soon.
+                await trio.sleep(_CONGESTED_RETRY_SECONDS)
+                continue
             if started == 0:
                 self.idle = True
                 with trio.move_on_after(_SAFETY_NET_SECONDS):
@@ -93,7 +99,9 @@ class FairDispatcher:
 
     async def _round(self) -> int:
         engine = self._engine
-        free = 0 if engine.draining else engine.max_concurrency - engine.running_count
+        if engine.draining or engine.write_congested():
+            return 0
+        free = engine.max_concurrency - engine.running_count
         if free <= 0:
             return 0
         candidates = [t for t in self.queued_tenants if self._room(t) > 0]

@@ -76,6 +76,7 @@ from .errors import (
     InvalidInstanceState,
     LeaseLost,
     PayloadTooLarge,
+    StorageBusy,
     StorageError,
     TenantNotFound,
 )
@@ -94,6 +95,11 @@ log = logging.getLogger("tenantflow.engine")
 DEFAULT_WORKFLOW: Final = "TenantWorkflow"
 #: Crashes in a row, outside any step and without progress, before an instance fails.
 MAX_CRASHES: Final = 5
+#: Back-pressure defaults: the write lag (s) and the queued writes beyond which API
+#: writes are refused (``storage.busy``), and the reads the API may have in flight.
+DEFAULT_MAX_WRITE_LAG: Final = 5.0
+MAX_WRITE_BACKLOG: Final = 50_000
+_API_READERS: Final = 16
 #: Default lease of a running instance on a shared store (SPEC 10: ``--lease-seconds``).
 DEFAULT_LEASE_SECONDS: Final = 15.0
 
@@ -112,6 +118,7 @@ class EngineStats:
     step_latency_buckets: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
     step_latency_sum: float = 0.0
     step_latency_count: int = 0
+    busy_refusals: int = 0  #: API calls refused with storage.busy (back-pressure)
 
     def observe_step(self, seconds: float, ok: bool) -> None:
         if ok:
@@ -177,6 +184,7 @@ class Engine:
         owner: str | None = None,
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
         notices: bool = True,
+        max_write_lag: float = DEFAULT_MAX_WRITE_LAG,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be at least 1")
@@ -188,6 +196,10 @@ class Engine:
         #: On a shared store: hear the other supervisors' notices (LISTEN/NOTIFY). Off,
         #: they are found by polling only (the benchmarks compare the two).
         self.listens = notices
+        #: Back-pressure: past this many seconds of write lag (or MAX_WRITE_BACKLOG queued
+        #: units) API writes are refused with StorageBusy and no activation starts.
+        self.max_write_lag = float(max_write_lag)
+        self._api_readers = trio.CapacityLimiter(_API_READERS)
         self.notices: NoticeBoard | None = None
         #: Activations aborted because their instance's lease was lost (for tests/metrics).
         self.leases_lost = 0
@@ -441,6 +453,7 @@ class Engine:
         check_tenant_id(tenant_id)
         iid = uuid.uuid4().hex if instance_id is None else check_instance_id(instance_id)
         check_payload(params, "params")
+        self._admit_write()
         now = self.clock.now()
         await self.writer.submit(
             _insert_unit(tenant_id, iid, code_version, params, now, workflow_name)
@@ -453,6 +466,7 @@ class Engine:
     ) -> list[tuple[str, InstanceStatus] | Exception]:
         """Create several instances in one commit; each item succeeds or fails alone."""
         check_tenant_id(tenant_id)
+        self._admit_write()
         now = self.clock.now()
         results: list[tuple[str, InstanceStatus] | Exception] = []
         units: dict[int, Callable[[StoreTxn], Any]] = {}
@@ -493,7 +507,7 @@ class Engine:
                 return None
             return InstanceView(record, tuple(txn.load_steps(record.key)))
 
-        view = await self._read(read)
+        view = await self._api_read(read)
         if view is None:
             raise InstanceNotFound(tenant_id, instance_id)
         session = self._sessions.get(view.record.key)
@@ -536,21 +550,23 @@ class Engine:
             after = int(cursor) if cursor else None
         except ValueError:
             raise BadRequest(f"invalid cursor {cursor!r}") from None
-        rows = await self._read(lambda txn: txn.list_instances(tenant_id, status, limit + 1, after))
+        rows = await self._api_read(
+            lambda txn: txn.list_instances(tenant_id, status, limit + 1, after)
+        )
         page = rows[:limit]
         next_cursor = str(page[-1][0]) if len(rows) > limit else None
         return [summary for _, summary in page], next_cursor
 
     async def count_by_status(self, tenant_id: str | None = None) -> dict[str, int]:
         """Instances per status, for one tenant or all."""
-        return await self._read(lambda txn: txn.count_by_status(tenant_id))
+        return await self._api_read(lambda txn: txn.count_by_status(tenant_id))
 
     async def read_logs(
         self, tenant_id: str, instance_id: str, after_id: int = 0, limit: int = 1000
     ) -> list[LogRecord]:
         """Log lines of an instance after ``after_id``."""
         key = (await self._get_record(tenant_id, instance_id)).key
-        return await self._read(lambda txn: txn.read_logs(key, after_id, limit))
+        return await self._api_read(lambda txn: txn.read_logs(key, after_id, limit))
 
     async def pause(self, tenant_id: str, instance_id: str) -> InstanceStatus:
         """Pause now if nothing runs, else at the next step boundary (``waitingForPause``)."""
@@ -712,12 +728,42 @@ class Engine:
 
     # ------------------------------------------------------------------ helpers
 
+    def write_congested(self) -> bool:
+        """The database is not keeping up with our writes (back-pressure applies)."""
+        return self.writer.lag() > self.max_write_lag or self.writer.backlog > MAX_WRITE_BACKLOG
+
+    def _admit_write(self) -> None:
+        """Refuse a new API write up front (nothing queued) while writes lag."""
+        if self.write_congested():
+            self.stats.busy_refusals += 1
+            raise StorageBusy(
+                f"the database is not keeping up ({self.writer.backlog} writes queued, the "
+                f"oldest for {self.writer.lag():.1f} s): nothing was done; try again",
+                retry_after=min(30.0, max(1.0, self.writer.lag() / 2)),
+            )
+
+    async def _api_read(self, fn: Callable[[StoreTxn], T]) -> T:
+        """A read for the API: refused (StorageBusy) rather than queued without bound
+        when reads do not finish (a slow or unreachable database)."""
+        with trio.move_on_after(self.max_write_lag) as waited:
+            await self._api_readers.acquire()
+        if waited.cancelled_caught:
+            self.stats.busy_refusals += 1
+            raise StorageBusy(
+                f"the database is not keeping up: {_API_READERS} reads in flight for over "
+                f"{self.max_write_lag:g} s; try again"
+            )
+        try:
+            return await self._read(fn)
+        finally:
+            self._api_readers.release()
+
     async def _read(self, fn: Callable[[StoreTxn], T]) -> T:
         return await trio.to_thread.run_sync(self.store.read, fn)
 
     async def _get_record(self, tenant_id: str, instance_id: str) -> InstanceRecord:
         check_tenant_id(tenant_id)
-        record = await self._read(lambda txn: txn.get_instance(tenant_id, instance_id))
+        record = await self._api_read(lambda txn: txn.get_instance(tenant_id, instance_id))
         if record is None:
             raise InstanceNotFound(tenant_id, instance_id)
         return record
@@ -737,6 +783,8 @@ class Engine:
         *,
         stop: bool = False,
     ) -> InstanceStatus:
+        self._admit_write()
+
         def announced(txn: StoreTxn) -> tuple[int, InstanceStatus]:
             key, status = unit(txn)
             txn.announce(Notice.CHANGED, key)

@@ -15,7 +15,7 @@ from typing import Any, Final
 from urllib.parse import parse_qsl
 
 from ._runner import RunnerError
-from .errors import BadRequest, PayloadTooLarge, RateLimited, TenantflowError
+from .errors import BadRequest, PayloadTooLarge, RateLimited, StorageBusy, TenantflowError
 
 __all__ = [
     "ClientDisconnected",
@@ -188,7 +188,7 @@ def describe_error(exc: BaseException) -> tuple[int, dict[str, Any], list[tuple[
     """Status, JSON body and extra headers for an exception raised while serving."""
     headers: list[tuple[str, str]] = []
     if isinstance(exc, TenantflowError):
-        if isinstance(exc, RateLimited):
+        if isinstance(exc, RateLimited | StorageBusy):
             headers.append(("retry-after", str(max(1, math.ceil(exc.retry_after)))))
         return exc.http_status, exc.to_dict(), headers
     if isinstance(exc, RunnerError):

@@ -65,6 +65,13 @@ async def render_metrics(supervisor: Supervisor) -> str:
     out.family("tenantflow_activations_total", "counter", "Instance activations started.")
     out.sample("tenantflow_activations_total", stats.activations)
 
+    out.family("tenantflow_write_lag_seconds", "gauge", "Age of the oldest pending write.")
+    out.sample("tenantflow_write_lag_seconds", round(engine.writer.lag(), 6))
+    out.family("tenantflow_write_backlog", "gauge", "Writes queued for the next commit.")
+    out.sample("tenantflow_write_backlog", engine.writer.backlog)
+    out.family("tenantflow_busy_refusals_total", "counter", "API calls refused with storage.busy.")
+    out.sample("tenantflow_busy_refusals_total", stats.busy_refusals)
+
     out.family("tenantflow_instances_running", "gauge", "Instances holding a concurrency slot.")
     out.sample("tenantflow_instances_running", engine.running_count)
 

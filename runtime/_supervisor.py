@@ -59,6 +59,7 @@ class SupervisorConfig:
     max_sandboxes: int = 64
     idle_timeout: float = 60.0
     lease_seconds: float = 15.0  #: PostgreSQL: a running instance's lease (SPEC 10)
+    max_write_lag: float = 5.0  #: back-pressure: write lag (s) beyond which writes get 503
     loader: str | None = None  #: "module:callable", the platform's load_runner
     scan_interval: float = 1.0
     #: Tenants whose code lives only in the database (the playground's): at start each
@@ -296,6 +297,7 @@ async def open_supervisor(
                 clock=clock,
                 max_concurrency=config.max_concurrency,
                 lease_seconds=config.lease_seconds,
+                max_write_lag=config.max_write_lag,
                 current_version=lambda tenant_id: box[0].registry.current_version(tenant_id),
                 tenant_concurrency=lambda t: box[0].registry.limits(t).max_concurrency,
             )

@@ -51,6 +51,8 @@ class GroupCommitWriter:
     def __init__(self, store: Store) -> None:
         self._store = store
         self._queue: list[tuple[Unit, _Slot | Callable[[], None] | None]] = []
+        self._queued_since: float | None = None  # when the oldest queued unit came
+        self._commit_since: float | None = None  # when the commit in flight started
         self._wakeup = trio.Event()
         self._committing = False
         self._alarm = _Alarm()
@@ -71,11 +73,21 @@ class GroupCommitWriter:
         """Nothing queued and nothing being committed."""
         return not self._queue and not self._committing
 
+    @property
+    def backlog(self) -> int:
+        """Units queued for a commit."""
+        return len(self._queue)
+
+    def lag(self) -> float:
+        """How long (seconds) the oldest pending write has waited: 0 when keeping up."""
+        now = time.monotonic()
+        since = [t for t in (self._queued_since, self._commit_since) if t is not None]
+        return now - min(since) if since else 0.0
+
     async def submit(self, unit: Callable[[StoreTxn], T]) -> T:
         """Run ``unit`` in the next commit and return its value (or raise its error)."""
         slot = _Slot()
-        self._queue.append((unit, slot))
-        self._wakeup.set()
+        self._enqueue(unit, slot)
         await slot.done.wait()
         if slot.outcome.error is not None:
             raise slot.outcome.error
@@ -87,7 +99,12 @@ class GroupCommitWriter:
 
         ``on_commit`` runs (in the writer task) once the unit is durable.
         """
-        self._queue.append((unit, on_commit))
+        self._enqueue(unit, on_commit)
+
+    def _enqueue(self, unit: Unit, slot: _Slot | Callable[[], None] | None) -> None:
+        if not self._queue:
+            self._queued_since = time.monotonic()
+        self._queue.append((unit, slot))
         self._wakeup.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -103,12 +120,15 @@ class GroupCommitWriter:
                 batch = self._queue[:_MAX_UNITS_PER_COMMIT]
                 del self._queue[:_MAX_UNITS_PER_COMMIT]
                 self._committing = True
+                self._commit_since = self._queued_since
+                self._queued_since = time.monotonic() if self._queue else None
                 try:
                     # Shielded: a commit that started must finish and wake its callers.
                     with trio.CancelScope(shield=True):
                         outcomes = await thread.commit([u for u, _ in batch])
                 finally:
                     self._committing = False
+                    self._commit_since = None
                 self.commits += 1
                 self.units += len(batch)
                 for (_, slot), outcome in zip(batch, outcomes, strict=True):

@@ -176,6 +176,14 @@ def client_url(host: str, port: int) -> str:
     "(renewed every third of it); another supervisor takes over after it expires.",
 )
 @click.option(
+    "--max-write-lag",
+    type=click.FloatRange(min=0, min_open=True),
+    default=5.0,
+    show_default=True,
+    help="Back-pressure: when writes to the database lag this many seconds, API calls "
+    "that write answer 503 storage.busy (Retry-After) and no new activation starts.",
+)
+@click.option(
     "--loader",
     metavar="MODULE:CALLABLE",
     help="The platform's load_runner(metadata[, default=...]) instead of the built-in one.",
@@ -206,6 +214,7 @@ def serve(
     max_sandboxes: int,
     idle_timeout: float,
     lease_seconds: float,
+    max_write_lag: float,
     loader: str | None,
     grace: float,
     playground: bool,
@@ -243,6 +252,7 @@ def serve(
         max_sandboxes=max_sandboxes,
         idle_timeout=idle_timeout,
         lease_seconds=lease_seconds,
+        max_write_lag=max_write_lag,
         loader=loader,
         stored_tenants=(PLAYGROUND_TENANT,) if playground else (),
     )

@@ -16,6 +16,7 @@ The hierarchy::
       x RateLimited                   rate_limited                  429
       x Unauthorized                  unauthorized                  401
       x StorageError                  storage.error                 503
+        + StorageBusy                 storage.busy                  503 (Retry-After)
         + LeaseLost                   storage.lease_lost            409
 
 The codes are the ones of SPEC section 8; clients match on them, never on messages.
@@ -36,6 +37,7 @@ __all__ = [
     "LeaseLost",
     "PayloadTooLarge",
     "RateLimited",
+    "StorageBusy",
     "StorageError",
     "TenantLoadFailed",
     "TenantNotFound",
@@ -158,6 +160,22 @@ class StorageError(TenantflowError):
 
     code = "storage.error"
     http_status = 503
+
+
+class StorageBusy(StorageError):
+    """Raised, before anything is written, when the database is not keeping up.
+
+    Back-pressure: writes have waited longer than the supervisor allows (a slow or
+    unreachable database, a saturated disk). The request did nothing; try it again
+    after ``retry_after`` seconds.
+    """
+
+    code = "storage.busy"
+    http_status = 503
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class LeaseLost(StorageError):
