@@ -209,8 +209,13 @@ class OutputWatch:
                 self.changed.append((key, seq))
 
     def _run(self) -> None:
+        import psycopg
+
         while not self._stop.is_set():
-            self.sample()
+            try:
+                self.sample()
+            except psycopg.OperationalError:
+                pass  # the server is restarting (test_postgres_restarted_mid_run)
             time.sleep(0.1)
 
     def stop(self) -> None:
@@ -323,3 +328,80 @@ def test_an_instance_resumes_on_a_supervisor_with_an_empty_tenant_folder(
     steps = sql(schema, "SELECT name, status FROM steps ORDER BY seq")
     assert steps == [("a", "complete"), ("b", "complete"), ("nap", "complete"), ("c", "complete")]
     assert second.proc.poll() is None
+
+
+def _pg_restart_command() -> list[str] | None:
+    """How to restart the local PostgreSQL server, if this test may (root, Debian)."""
+    import shutil
+    from urllib.parse import urlparse
+
+    assert URL is not None
+    host = urlparse(URL).hostname or "localhost"
+    versions = (
+        sorted(Path("/etc/postgresql").glob("*/main")) if Path("/etc/postgresql").is_dir() else []
+    )
+    if host not in ("127.0.0.1", "localhost", "::1") or not versions or os.geteuid() != 0:
+        return None
+    if shutil.which("pg_ctlcluster") is None:
+        return None
+    version = versions[-1].parent.name
+    return ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"]
+
+
+def test_postgres_restarted_mid_run(cluster: Any, schema: str) -> None:
+    """The server restarts under two supervisors: they reconnect and carry on; every
+    instance completes once and no recorded step output changes."""
+    restart = _pg_restart_command()
+    if restart is None:
+        pytest.skip("needs root and a local Debian PostgreSQL cluster (pg_ctlcluster)")
+    sups = [cluster(TENANTS) for _ in range(2)]
+    watch = OutputWatch(schema)
+    ids: dict[str, list[str]] = {t: [] for t in TENANTS}
+    for n in range(24):
+        tenant = list(TENANTS)[n % 3]
+        made = sups[n % 2].call("POST", f"/v1/tenants/{tenant}/instances", {"params": n})
+        ids[tenant].append(made["id"])
+    deadline = time.monotonic() + 15
+    while not sql(schema, "SELECT 1 FROM instances WHERE status = 'running'"):
+        assert time.monotonic() < deadline, "nothing started"
+        time.sleep(0.02)
+    subprocess.run(restart, check=True, capture_output=True, timeout=60)
+    restarted_at = time.monotonic()
+    # Both answer again once they have reconnected (reads retry on a new connection).
+    for sup in sups:
+        while True:
+            try:
+                sup.call("GET", f"/v1/tenants/worker/instances/{ids['worker'][0]}")
+                break
+            except OSError as exc:  # urllib's HTTPError (503 while reconnecting) too
+                if time.monotonic() - restarted_at > 60:
+                    pytest.fail(f"{sup.url} did not come back: {exc}")
+                time.sleep(0.2)
+    for iid in ids["waiter"]:
+        while True:
+            try:
+                sups[1].call("POST", f"/v1/tenants/waiter/instances/{iid}/events",
+                             {"type": "go", "payload": iid})  # fmt: skip
+                break
+            except OSError as exc:
+                if time.monotonic() - restarted_at > 60:
+                    pytest.fail(f"events not accepted after the restart: {exc}")
+                time.sleep(0.2)
+    wait_all_finished(sups[0], ids, timeout=90)
+    watch.stop()
+    assert watch.changed == []
+    for tenant, iids in ids.items():
+        for iid in iids:
+            view = sups[1].call("GET", f"/v1/tenants/{tenant}/instances/{iid}")
+            dos = {s["name"]: s["output"] for s in view["steps"] if s.get("type", "do") == "do"}
+            if tenant == "waiter":
+                assert view["output"] == [dos["a"], iid, dos["b"]]
+            elif tenant == "worker":
+                assert view["output"] == [dos["a"], dos["b"], dos["c"]]
+            else:
+                assert view["output"] == [dos["a"], dos["b"]]
+    # one record per step: a step recorded twice would be a second row or a changed one
+    dupes = sql(schema, "SELECT key, name, count, count(*) FROM steps"
+                        " GROUP BY key, name, count HAVING count(*) > 1")  # fmt: skip
+    assert dupes == []
+    assert all(sup.proc.poll() is None for sup in sups)
