@@ -405,3 +405,5 @@ def test_postgres_restarted_mid_run(cluster: Any, schema: str) -> None:
                         " GROUP BY key, name, count HAVING count(*) > 1")  # fmt: skip
     assert dupes == []
     assert all(sup.proc.poll() is None for sup in sups)
+    for sup in sups:  # the restart really cut them off (their listeners, at least)
+        assert "lost its connection" in sup.err.read_text()
