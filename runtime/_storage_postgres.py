@@ -728,8 +728,9 @@ class PostgresStore(Store):
         thread.start()
 
         def stop_listening() -> None:
+            # Not joined: the caller is often the event loop. The thread sees the flag
+            # within _LISTEN_WAKE_SECONDS (or at close) and ends; it is a daemon.
             stop.set()
-            thread.join(timeout=5)
 
         return stop_listening
 
@@ -740,7 +741,7 @@ class PostgresStore(Store):
         while not stop.is_set() and not self._closed:
             try:
                 if conn is None:
-                    conn = psycopg.connect(self.url, autocommit=True)
+                    conn = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
                     conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
                     delay = _RETRY_FIRST
                     if lost:
