@@ -5,6 +5,7 @@ parent never imports it: ``bench.dbos_bench`` runs this file with the same Pytho
 reads the one line it prints, ``BENCH_RESULT {json}``. It imports nothing from tenantflow.
 
     python bench/_dbos_child.py --db /tmp/x/dbos.sqlite --count 300 --warmup 10
+    python bench/_dbos_child.py --url postgresql://u@host/db --count 300 --warmup 10
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ RESULT_PREFIX = "BENCH_RESULT "
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--db", required=True, help="path of the SQLite system database")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--db", help="path of the SQLite system database")
+    where.add_argument("--url", help="URL of the system database (PostgreSQL)")
     parser.add_argument("--count", type=int, required=True, help="timed workflows of each kind")
     parser.add_argument("--warmup", type=int, default=10, help="untimed workflows first")
     args = parser.parse_args(argv)
@@ -32,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
     config: DBOSConfig = {
         "name": "tenantflow-bench",
-        "system_database_url": f"sqlite:///{args.db}",
+        "system_database_url": args.url or f"sqlite:///{args.db}",
         "log_level": "WARNING",
     }
     DBOS(config=config)
@@ -76,12 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         DBOS.destroy()
 
-    with closing(sqlite3.connect(args.db)) as conn:
-        journal_mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
-        # DBOS sets no synchronous pragma, so a fresh connection shows what it ran with.
-        synchronous = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}.get(
-            conn.execute("PRAGMA synchronous").fetchone()[0], "?"
-        )
+    journal_mode = synchronous = None  # SQLite settings; the caller describes a server
+    if args.db is not None:
+        with closing(sqlite3.connect(args.db)) as conn:
+            journal_mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+            # DBOS sets no synchronous pragma, so a fresh connection shows what it ran with.
+            synchronous = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}.get(
+                conn.execute("PRAGMA synchronous").fetchone()[0], "?"
+            )
     result: dict[str, Any] = {
         "dbos_version": importlib.metadata.version("dbos"),
         "count": args.count,

@@ -21,6 +21,7 @@ BENCHMARKS: Final[tuple[Benchmark, ...]] = (
     postgres_bench.concurrent_steps_per_second,
     postgres_bench.creations_per_second,
     postgres_bench.three_step_workflows,
+    postgres_bench.cross_supervisor,
     sandbox_bench.cold_start,
     sandbox_bench.memory_per_warm_sandbox,
     sandbox_bench.rpc_round_trip,

@@ -8,6 +8,7 @@ another, each waiting for the previous one's durable result, after the same warm
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import statistics
@@ -18,9 +19,9 @@ from pathlib import Path
 from typing import Any, Final
 
 from ._core import BenchContext, Direction, Measurement, benchmark
-from .engine_bench import ThreeStepRun, three_step_sequential
+from .engine_bench import ThreeStepRun, running_engine, three_step_sequential
 
-__all__ = ["DbosRun", "three_step_workflows"]
+__all__ = ["DbosRun", "DbosUnavailable", "run_dbos", "three_step_workflows"]
 
 CHILD: Final = Path(__file__).with_name("_dbos_child.py")
 RESULT_PREFIX: Final = "BENCH_RESULT "
@@ -41,8 +42,8 @@ class DbosRun:
     three_step_seconds: float
     zero_step_seconds: float
     version: str
-    journal_mode: str
-    synchronous: str
+    journal_mode: str | None  #: None on a PostgreSQL system database
+    synchronous: str | None
 
     @property
     def per_second(self) -> float:
@@ -54,13 +55,18 @@ class DbosRun:
         return (self.three_step_seconds - self.zero_step_seconds) / self.count / 3 * 1000
 
 
-def run_dbos(workdir: Path, count: int, warmup: int, timeout: float) -> DbosRun:
-    """Run the child and parse its result; raise DbosUnavailable on any failure."""
+def run_dbos(
+    workdir: Path, count: int, warmup: int, timeout: float, *, database_url: str | None = None
+) -> DbosRun:
+    """Run the child and parse its result; raise DbosUnavailable on any failure.
+
+    The system database is ``workdir/dbos.sqlite``, or ``database_url`` if given.
+    """
     if importlib.util.find_spec("dbos") is None:
         raise DbosUnavailable("dbos is not installed (pip install -e '.[bench]')")
+    where = ["--url", database_url] if database_url else ["--db", str(workdir / "dbos.sqlite")]
     command = [
-        sys.executable, str(CHILD), "--db", str(workdir / "dbos.sqlite"),
-        "--count", str(count), "--warmup", str(warmup),
+        sys.executable, str(CHILD), *where, "--count", str(count), "--warmup", str(warmup),
     ]  # fmt: skip
     try:
         done = subprocess.run(
@@ -78,8 +84,8 @@ def run_dbos(workdir: Path, count: int, warmup: int, timeout: float) -> DbosRun:
         three_step_seconds=float(data["three_step_seconds"]),
         zero_step_seconds=float(data["zero_step_seconds"]),
         version=str(data["dbos_version"]),
-        journal_mode=str(data["journal_mode"]),
-        synchronous=str(data["synchronous"]),
+        journal_mode=data["journal_mode"],
+        synchronous=data["synchronous"],
     )
 
 
@@ -107,7 +113,9 @@ def three_step_workflows(ctx: BenchContext) -> list[Measurement]:
     theirs: list[DbosRun] = []
     skipped: str | None = None
     for i in range(ROUNDS):
-        ours.append(three_step_sequential(ctx.workdir / f"tenantflow{i}", count, WARMUP))
+        tenantflow_dir = ctx.workdir / f"tenantflow{i}"
+        opener = functools.partial(running_engine, tenantflow_dir)
+        ours.append(three_step_sequential(opener, count, WARMUP))
         if skipped is None:
             dbos_dir = ctx.workdir / f"dbos{i}"
             dbos_dir.mkdir()

@@ -23,10 +23,10 @@ import statistics
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager, closing
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
 import trio
 
@@ -44,10 +44,18 @@ from sandbox.sdk import WorkflowEntrypoint
 from ._core import BenchContext, Direction, Measurement, benchmark, percentile
 
 __all__ = [
+    "CreationsRound",
+    "EngineOpener",
     "ReturnCounter",
+    "StepsRound",
     "ThreeStepRun",
+    "blocking_workflow",
     "concurrent_steps_per_second",
+    "concurrent_steps_round",
+    "create_concurrently",
     "creations_per_second_inprocess",
+    "creations_round",
+    "run_creators",
     "run_engine",
     "running_engine",
     "sequential_step_overhead",
@@ -62,6 +70,16 @@ TIME_LIMIT_SECONDS: Final = 600.0
 ROUNDS: Final = 3
 
 WorkflowFactory = Callable[[], Any]
+
+
+class EngineOpener(Protocol):
+    """Opens a running engine with ``workflow`` for tenant ``bench``: the workloads below
+    take one, so the same workload runs on SQLite (``functools.partial(running_engine,
+    workdir)``) and on PostgreSQL (``postgres_bench.running_pg_engine``)."""
+
+    def __call__(
+        self, workflow: WorkflowFactory, *, max_concurrency: int = ...
+    ) -> AbstractAsyncContextManager[Engine]: ...
 
 
 class BenchError(Exception):
@@ -263,7 +281,7 @@ def sequential_step_overhead(ctx: BenchContext) -> list[Measurement]:
 # ---------------------------------------------------------------------- 2. concurrent steps
 
 
-class _CountingWorkflow(_Counted):
+class CountingWorkflow(_Counted):
     """``event.payload["steps"]`` trivial steps, each adding one to the previous result."""
 
     def body(self, event: Any, step: Any) -> int:
@@ -274,10 +292,49 @@ class _CountingWorkflow(_Counted):
 
 
 @dataclass(frozen=True, slots=True)
-class _Round:
+class StepsRound:
+    """One round of concurrent steps: wall time and the writer's units and commits."""
+
     seconds: float
     units: int
     commits: int
+
+
+async def create_concurrently(engine: Engine, count: int, params: Any) -> list[str]:
+    """``count`` ``engine.create`` calls at once (one trio task each); their ids."""
+    ids: list[str] = []
+
+    async def create() -> None:
+        iid, _ = await engine.create(TENANT, params=params)
+        ids.append(iid)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(count):
+            nursery.start_soon(create)
+    return ids
+
+
+def concurrent_steps_round(open_engine: EngineOpener, instances: int, steps: int) -> StepsRound:
+    """``instances`` x ``steps`` trivial steps created at once; time to all complete."""
+
+    async def body() -> StepsRound:
+        returns = ReturnCounter()
+        factory = functools.partial(CountingWorkflow, returns)
+        async with open_engine(factory) as engine:
+            before = (engine.writer.commits, engine.writer.units)
+            start = time.perf_counter()
+            ids = await create_concurrently(engine, instances, {"steps": steps})
+            await returns.wait_for(instances)
+            for iid in ids:
+                await wait_complete(engine, iid)
+            wall = time.perf_counter() - start
+            _, units, commits = _units_per_commit(engine, before)
+            view = await engine.get(TENANT, ids[-1])
+            if view.record.output != steps:
+                raise BenchError(f"expected output {steps}, got {view.record.output!r}")
+            return StepsRound(wall, units, commits)
+
+    return run_engine(body)
 
 
 @benchmark(
@@ -297,33 +354,8 @@ def concurrent_steps_per_second(ctx: BenchContext) -> list[Measurement]:
     instances = ctx.size(200, 1_000)
     steps = 10
 
-    def one_round(workdir: Path) -> _Round:
-        async def body() -> _Round:
-            returns = ReturnCounter()
-            factory = functools.partial(_CountingWorkflow, returns)
-            async with running_engine(workdir, factory) as engine:
-                ids: list[str] = []
-
-                async def create() -> None:
-                    iid, _ = await engine.create(TENANT, params={"steps": steps})
-                    ids.append(iid)
-
-                before = (engine.writer.commits, engine.writer.units)
-                start = time.perf_counter()
-                async with trio.open_nursery() as nursery:
-                    for _ in range(instances):
-                        nursery.start_soon(create)
-                await returns.wait_for(instances)
-                for iid in ids:
-                    await wait_complete(engine, iid)
-                wall = time.perf_counter() - start
-                _, units, commits = _units_per_commit(engine, before)
-                view = await engine.get(TENANT, ids[-1])
-                if view.record.output != steps:
-                    raise BenchError(f"expected output {steps}, got {view.record.output!r}")
-                return _Round(wall, units, commits)
-
-        return run_engine(body)
+    def one_round(workdir: Path) -> StepsRound:
+        return concurrent_steps_round(functools.partial(running_engine, workdir), instances, steps)
 
     rounds = [one_round(ctx.workdir / f"round{i}") for i in range(ROUNDS)]
     total = instances * steps
@@ -357,6 +389,75 @@ def concurrent_steps_per_second(ctx: BenchContext) -> list[Measurement]:
 # ---------------------------------------------------------------------- 3. creations
 
 
+def blocking_workflow(gate: threading.Event) -> type[WorkflowEntrypoint]:
+    """A workflow whose ``run()`` blocks until ``gate`` is set: it holds a slot."""
+
+    class Blocking(WorkflowEntrypoint):
+        def run(self, event: Any, step: Any) -> None:
+            gate.wait(TIME_LIMIT_SECONDS)
+
+    return Blocking
+
+
+async def run_creators(
+    engine: Engine, creators: int, per_creator: int, latencies: list[float] | None = None
+) -> None:
+    """``creators`` trio tasks, each calling ``engine.create`` ``per_creator`` times in a
+    row; each call's latency (ms) goes to ``latencies`` if given."""
+
+    async def creator() -> None:
+        for _ in range(per_creator):
+            t0 = time.perf_counter()
+            await engine.create(TENANT, params={"n": 1})
+            if latencies is not None:
+                latencies.append((time.perf_counter() - t0) * 1000)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(creators):
+            nursery.start_soon(creator)
+
+
+@dataclass(frozen=True, slots=True)
+class CreationsRound:
+    """One round of creations: wall time, per-call latencies (ms), commits, creations."""
+
+    seconds: float
+    latencies: list[float]
+    commits: int
+    done: int
+
+
+def creations_round(open_engine: EngineOpener, total: int, creators: int) -> CreationsRound:
+    """``total`` creates by ``creators`` concurrent creators while nothing else runs.
+
+    The engine gets ``max_concurrency=1``, held by a blocking instance, so the
+    dispatcher starts nothing and every commit is a creation.
+    """
+    per_creator = total // creators
+    done = per_creator * creators
+    gate = threading.Event()
+
+    async def body() -> CreationsRound:
+        async with open_engine(blocking_workflow(gate), max_concurrency=1) as engine:
+            try:
+                blocker, _ = await engine.create(TENANT)
+                await engine.wait_for_status(TENANT, blocker, [InstanceStatus.RUNNING])
+                latencies: list[float] = []
+                before = (engine.writer.commits, engine.writer.units)
+                start = time.perf_counter()
+                await run_creators(engine, creators, per_creator, latencies)
+                wall = time.perf_counter() - start
+                _, _, commits = _units_per_commit(engine, before)
+                counts = await engine.count_by_status(TENANT)
+                if counts.get("queued", 0) != done:
+                    raise BenchError(f"expected {done} queued, got {counts}")
+                return CreationsRound(wall, latencies, commits, done)
+            finally:
+                gate.set()
+
+    return run_engine(body)
+
+
 @benchmark(
     "engine.creations_per_second_inprocess",
     "Engine.create calls per second from many concurrent creators, nothing else running",
@@ -374,44 +475,11 @@ def creations_per_second_inprocess(ctx: BenchContext) -> list[Measurement]:
     """
     total = ctx.size(2_000, 20_000)
     creators = 100
-    per_creator = total // creators
-    done = per_creator * creators
+    done = total // creators * creators
 
     def one_round(workdir: Path) -> tuple[float, list[float], int]:
-        gate = threading.Event()
-
-        class _Blocking(WorkflowEntrypoint):
-            def run(self, event: Any, step: Any) -> None:
-                gate.wait(TIME_LIMIT_SECONDS)
-
-        async def body() -> tuple[float, list[float], int]:
-            async with running_engine(workdir, _Blocking, max_concurrency=1) as engine:
-                try:
-                    blocker, _ = await engine.create(TENANT)
-                    await engine.wait_for_status(TENANT, blocker, [InstanceStatus.RUNNING])
-                    latencies: list[float] = []
-
-                    async def creator() -> None:
-                        for _ in range(per_creator):
-                            t0 = time.perf_counter()
-                            await engine.create(TENANT, params={"n": 1})
-                            latencies.append((time.perf_counter() - t0) * 1000)
-
-                    before = (engine.writer.commits, engine.writer.units)
-                    start = time.perf_counter()
-                    async with trio.open_nursery() as nursery:
-                        for _ in range(creators):
-                            nursery.start_soon(creator)
-                    wall = time.perf_counter() - start
-                    _, _, commits = _units_per_commit(engine, before)
-                    counts = await engine.count_by_status(TENANT)
-                    if counts.get("queued", 0) != done:
-                        raise BenchError(f"expected {done} queued, got {counts}")
-                    return wall, latencies, commits
-                finally:
-                    gate.set()
-
-        return run_engine(body)
+        run = creations_round(functools.partial(running_engine, workdir), total, creators)
+        return run.seconds, run.latencies, run.commits
 
     rounds = [one_round(ctx.workdir / f"round{i}") for i in range(ROUNDS)]
     rates = sorted(done / wall for wall, _, _ in rounds)
@@ -465,13 +533,13 @@ class ThreeStepRun:
         return self.count / self.seconds
 
 
-def three_step_sequential(workdir: Path, count: int, warmup: int) -> ThreeStepRun:
+def three_step_sequential(open_engine: EngineOpener, count: int, warmup: int) -> ThreeStepRun:
     """Run ``ThreeStepWorkflow`` sequentially: create, wait until complete, next."""
 
     async def body() -> float:
         returns = ReturnCounter()
         factory = functools.partial(ThreeStepWorkflow, returns)
-        async with running_engine(workdir, factory) as engine:
+        async with open_engine(factory) as engine:
             finished = 0
 
             async def one(x: int) -> str:
