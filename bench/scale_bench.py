@@ -16,9 +16,11 @@ says ``ready``, and starts on ``go``, so interpreter start-up is outside the tim
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 import json
+import math
 import os
 import random
 import statistics
@@ -29,7 +31,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NamedTuple, TypeVar
 
 import httpx
 import msgpack
@@ -37,9 +39,10 @@ import psutil  # type: ignore[import-untyped]  # no stubs installed
 import trio
 
 from loader import TenantCode, TenantRegistry, TenantState, code_version
-from runtime import FINISHED_STATUSES, InstanceRecord, InstanceStatus, StepRecord, StoreTxn
+from runtime import FINISHED_STATUSES, InstanceStatus, StoreTxn
 from runtime._http import serve_http
 from runtime._supervisor import Supervisor, SupervisorConfig, open_supervisor
+from sandbox._host import SandboxRunner
 from sandbox.protocol import StepKind, StepStatus
 
 from ._core import BenchContext, Direction, Measurement, benchmark, percentile
@@ -54,6 +57,7 @@ __all__ = [
 ]
 
 MIB: Final = 1024 * 1024
+_T = TypeVar("_T")
 #: Lifts SPEC 7's default creation rate (100/s, burst 100) for the throughput tenants.
 UNLIMITED: Final = "[limits]\ncreate_rate = 1000000000\ncreate_burst = 1000000000\n"
 
@@ -638,51 +642,148 @@ def ingress_latency(ctx: BenchContext) -> list[Measurement]:
 
 # ---------------------------------------------------------------------- 4. many tenants
 
+#: scale.many_tenants: a tenant created ``c`` seconds after the first create wakes at
+#: ``hold + _STRETCH x c`` after it, so the tenants wake in the order and at 1 / _STRETCH
+#: of the rate this machine got them asleep (a wake costs a cold start per tenant too).
+_STRETCH: Final = 1.5
+#: Sandbox processes alive beyond max_sandboxes at which the benchmark gives up (each
+#: holds ~4-6 MiB of its own; leaked ones are never stopped until the supervisor is).
+_LEAK_LIMIT: Final = 1_000
+#: A tenant's instances wake within this long after the tenant's own wake time.
+_TENANT_SPREAD_S: Final = 0.2
+
 
 @dataclass
-class _ManyResult:
-    tenants: int
+class _Setup:
+    """How the tenants came to exist, and how fast never-seen tenants start."""
+
     scan_write: float  #: writing the N folders
     scan_read: float  #: first scan of the N folders, without storing or probing
     rescan: float  #: a rescan of the N unchanged folders
-    sample: int
     sample_scan: float  #: the real scan (read, store, probe in a sandbox) of the sample
     register: float  #: storing N - sample code versions and registering them directly
-    cal_rate: float  #: tenants per second reaching their first activation, calibration
-    hold: float  #: seconds from the first create to the start of the wake window
-    asleep_count: int  #: instances waiting when the setup ended
-    asleep_after: float  #: first create -> all N waiting
-    late_sleepers: int  #: instances that reached their sleep after the window started
+    cal_rate: float  #: calibration: tenants per second that had all their instances run
+
+
+@dataclass
+class _Asleep:
+    """The setup of the sleeping instances, and what is alive once they all sleep."""
+
+    reached: bool  #: every instance was asleep before the first timer was due
+    waiting: int  #: instances ``waiting`` when counted
+    after: float  #: first create -> all waiting (or the setup gave up)
     counted_after: float  #: all waiting -> processes counted
+    hold: float  #: first create -> the wake window opens
+    width: float  #: the wake window: the first tenant's time -> the last instance's
+    cold_starts: int  #: sandboxes spawned during the setup
+    evictions: int  #: sandboxes stopped to make room during the setup
+    peak_processes: int  #: sandbox processes (existing or being made), sampled
     live_sandboxes: int
     zygote_children: int
     zombies: int
     zygote_alive: bool
     rss: float
+    rss_before: float  #: before the first create: nothing waiting, no sandbox
     zygote_rss: float
-    timer_late: list[float]
-    timer_ended: list[float]  #: the sleep steps' ended_at
-    e2e_late: list[float]
-    drain: float  #: start of the wake window -> all complete
+    tasks: int  #: trio tasks alive with every instance asleep
+    tasks_before: int  #: ... before the first create
+    task_growth: dict[str, int]  #: tasks by coroutine name: asleep - before, if changed
+    runner_processes: int  #: SandboxRunner.processes() when counted
+
+
+class _Trace(NamedTuple):
+    """One sleeper's journal, as the benchmark reads it."""
+
+    asked: float  #: the wake_at it was created with
+    wake_at: float  #: the sleep step's wake_at (later if it reached its sleep late)
+    ended_at: float  #: the sleep step's ended_at: when a timer round resolved it
+    next_started: float  #: the next step's started_at
+    completed: float  #: the instance row's updated_at once complete
+
+
+@dataclass
+class _Wake:
+    traces: list[_Trace]
+    drain: float  #: the wake window opens -> all complete
     cold_starts: int  #: sandboxes spawned during the wake phase
-    peak_sandboxes: int
+    peak_processes: int
+    load: float  #: 1-minute load average when the window opened
+
+
+@dataclass
+class _Restart:
+    created: int
+    waiting_at_stop: int  #: instances still asleep when the supervisor stopped
+    stop: float  #: leaving open_supervisor (s)
+    start: float  #: entering open_supervisor again, until it returned (s)
+    traces: list[_Trace]  #: the restart population's journals
+    opened: float  #: wall clock when open_supervisor was entered again
+    samples: int
+    peak_running: int  #: Engine.running_count, sampled
+    peak_processes: int  #: SandboxRunner.processes(), sampled
+    peak_tasks: int
+    rss_before: float
+    rss_peak: float
+    cold_starts: int
+    guard: _LeakGuard
+
+
+class _LeakGuard:
+    """Watches the zygote's live children against what the sandbox runner counts.
+
+    ``SandboxRunner.processes()`` is what ``max_sandboxes`` bounds; a sandbox process
+    that fell out of the runner's pool is still a child of the zygote. ``check`` (at
+    most every 2 s; a psutil scan of the process table) records both peaks and raises
+    BenchError once the children exceed max_sandboxes by ``_LEAK_LIMIT``, before
+    leaked processes exhaust the machine's memory or pids.
+    """
+
+    def __init__(self, runner: SandboxRunner) -> None:
+        self._runner = runner
+        self._zygote = psutil.Process(runner.zygote.pid)
+        self._last = -math.inf
+        self.peak_children = 0
+        self.peak_counted = 0  #: SandboxRunner.processes() at the same checks
+
+    def check(self, *, force: bool = False) -> None:
+        now = time.perf_counter()
+        if now - self._last < 2.0 and not force:
+            return
+        self._last = now
+        children = sum(_is_alive(c) for c in self._zygote.children())
+        counted = self._runner.processes()
+        self.peak_children = max(self.peak_children, children)
+        self.peak_counted = max(self.peak_counted, counted)
+        if children > self._runner.max_sandboxes + _LEAK_LIMIT:
+            raise BenchError(
+                f"{children} sandbox processes alive (children of the zygote) while the "
+                f"runner counts {counted} (max_sandboxes {self._runner.max_sandboxes}): "
+                f"sandboxes leak out of the pool; stopped before they exhaust the machine"
+            )
+
+    def __str__(self) -> str:
+        return (
+            f"zygote children alive peak {self.peak_children} while the runner counted at "
+            f"most {self.peak_counted} (sampled every 2 s and at the end)"
+        )
 
 
 @benchmark(
     "scale.many_tenants",
-    "N tenants each with one sleeping instance: processes alive, timer lateness",
+    "N tenants x k sleeping instances: processes, tasks, memory, timer lateness, restart",
 )
 def many_tenants(ctx: BenchContext) -> list[Measurement]:
-    """Many tenants, each with one instance asleep: what stays alive, how late timers fire.
+    """Many tenants with several instances asleep each: what stays alive, how late timers fire.
 
     Method: a supervisor (no tenant folder of its own) with ``max_sandboxes`` 64,
-    ``idle_timeout`` 0.5 s and ``max_concurrency`` 64. Not the default 1000: each
-    running instance of a tenant without a live sandbox asks the zygote for one, and
-    with hundreds of spawns at once the zygote socket's send buffer fills and a second
-    spawn waits to write the same fd: ``trio.BusyResourceError`` escapes the engine and
-    the supervisor dies (seen at ~250 concurrent spawns; ``ZygoteClient.spawn`` has no
-    send lock). Spawns in flight are not counted against ``max_sandboxes`` either, so
-    the peak can exceed it.
+    ``idle_timeout`` 0.5 s and ``max_concurrency`` 64. That 64 is deliberate, equal to
+    ``max_sandboxes``: every activation here needs its tenant's sandbox (a cold start),
+    so a slot beyond the 64 sandbox places would hold an activation that only waits in
+    ``get_sandbox`` for a place (spawns reserve their place, so the bound holds,
+    1013914); the wake -> next step rows would measure that wait instead of the
+    dispatcher's queue, and the restart row holds the catch-up to this bound. (The
+    default 1000 used to crash the supervisor here: concurrent spawns both waited to
+    write the zygote's socket, trio ``BusyResourceError``; fixed in c46b1e4.)
 
     Tenants: all N are written as folders with the same main.py (so the same version
     hash, stored once per tenant). ``sample`` of them go through the real scan: a
@@ -693,271 +794,536 @@ def many_tenants(ctx: BenchContext) -> list[Measurement]:
     ``put_code_version``, their state put in the registry. The note also times reading
     all N folders (a scan that stores and probes nothing) and a rescan of them unchanged.
 
-    Each tenant gets one instance (``Supervisor.binding(t).create``, in the envelope)
-    that sleeps until ``wake_at`` and then runs one step. Reaching the sleep takes a
-    sandbox per tenant (a cold start), so the wake times cannot be relative to the
-    create: a calibration round (50 tenants, run to completion) measures how fast
-    tenants get their first activation here, and every ``wake_at`` is set to
-    ``hold + U(2, 5) s`` after the first create, ``hold`` being 1.4x the setup time
-    that rate predicts plus 1 s (if the setup still overruns it, the process rows are
-    skipped: there was no moment when all slept). The creates are paced like the
-    calibration: at most
-    2 x max_concurrency instances created and not yet asleep (all N queued at once
-    would make every dispatcher round scan N queued tenants, and the setup would
-    outlast the prediction). Once all N are ``waiting`` (or the first timer is due)
-    and idle_timeout + 0.5 s have passed (or just before the first wake, if sooner),
-    the sandboxes alive, the zygote's children and the RSS are read. Then all wake,
-    each needing a sandbox again (a cold start per tenant), and the journal gives, per
-    instance: timer lateness = the sleep step's ``ended_at`` (stamped by the engine's
-    timer loop when it resolved the timer) - its ``wake_at``; end-to-end lateness = the
-    next step's ``started_at`` (the engine received its StepStarted) - ``wake_at``.
+    Each tenant gets ``k`` instances, created together in one
+    ``Supervisor.binding(t).create_batch`` (in the envelope, one commit), so one cold
+    start of the tenant's sandbox serves its k activations; each sleeps until its
+    ``wake_at`` and then runs one step. The creates are paced: a tenant's batch goes in
+    once at most 2 x max_concurrency instances are created and not yet asleep (queued or
+    running, counted per tenant in flight). Reaching the sleep takes a sandbox per
+    tenant, so the wake times cannot be relative to the create alone: a calibration
+    round (50 tenants x k, paced the same way, run to completion) measures how many
+    never-seen tenants per second get all k activations here, and ``hold`` is 1.6x the
+    setup time that rate predicts plus idle_timeout + 1.5 s (time to count once the
+    sandboxes are gone; 50 tenants predicted up to 1.4x too fast here). A tenant whose
+    batch is created ``c`` seconds after the first create wakes ``hold + 1.5 c`` seconds
+    after it: the first wake comes once all should be asleep, and the tenants wake in
+    the order they were created at two thirds of the rate this machine got them asleep,
+    over a window 1.5x the setup's length (the notes give it and the wake rate in
+    instances/s). That aims to keep the wakes within what the machine can serve: every
+    wake needs the tenant's sandbox again, and once the queue holds more than
+    max_sandboxes tenants, the fair dispatcher serves each tenant one instance per turn
+    and its sandbox is evicted between turns: a cold start per instance instead of per
+    tenant, which slows the drain and so feeds the backlog (woken 5x faster than the
+    setup, 300 tenants x 10 took 2,955 cold starts and drained at 67 instances/s; the
+    wake is not paced like the setup, so a long enough disturbance can tip it over too,
+    and the notes count the cold starts of the wake). A tenant's k instances wake within
+    0.2 s after its time, for the same reason. If the setup overruns the hold, the rows
+    counted while asleep are skipped: there was no moment when all slept.
+
+    Once every instance is ``waiting`` and the runner has no sandbox left (at most
+    idle_timeout + 1 s later, and never later than just before the first wake), this
+    reads: the instances waiting, the live sandboxes, the zygote's children, the RSS of
+    this process and of the zygote, and the trio tasks alive (walked from
+    ``trio.lowlevel.current_root_task()`` through ``child_nurseries`` ->
+    ``child_tasks``); the RSS and the task count are also read just before the first
+    create (nothing waiting, no sandbox), so the difference is what N x k sleeping
+    instances cost. Then all wake, each tenant needing a sandbox again, and the journal
+    gives per instance: timer lateness = the sleep step's ``ended_at`` (stamped by the
+    engine's timer round when it resolved the timer) - its ``wake_at``; wake -> next
+    step = the next step's ``started_at`` (the engine received its StepStarted) -
+    ``wake_at``.
+
+    Restart (a smaller population: 200 tenants x k quick, 1,000 x k full): after the
+    wake, the same supervisor gives the first tenants k more sleepers each, all due at
+    2x the time the main setup's measured rate predicts for them, plus 5 s; once they
+    all sleep (creating stops 0.3 s before they are due, in any case) the supervisor is
+    stopped (the ``open_supervisor`` context left: engine, sandboxes, zygote), and once
+    every one of their timers is overdue a new supervisor opens on the same database. From the
+    moment it returns, a trio task samples ``Engine.running_count`` and
+    ``SandboxRunner.processes()`` every 2 ms (the trio tasks and the RSS every 20 ms)
+    until all have completed: the peak is held to ``max_concurrency``; the journal gives
+    the timer rounds that resolved the overdue timers and the time to drain.
+
+    Throughout, the zygote's live children are compared every 2 s with what the runner
+    counts (``_LeakGuard``): a sandbox process that fell out of the pool is neither
+    bounded by max_sandboxes nor ever stopped when idle, and the benchmark fails (a
+    BenchError) once more than 1,000 of them exist rather than exhaust the machine.
     """
-    n = ctx.size(2_000, 10_000)
+    tenants = ctx.size(1_000, 10_000)
+    k = ctx.size(3, 10)
+    n = tenants * k
     sample = ctx.size(20, 50)
-    calibration = 50
+    cal_tenants = 50
+    restart_tenants = ctx.size(200, 1_000)
     idle_timeout = 0.5
     max_sandboxes = 64
-    max_concurrency = 64  # see the docstring: the default (1000) crashes the supervisor here
+    max_concurrency = 64  # equal to max_sandboxes on purpose: see the docstring
+    budget = 2 * max_concurrency
     rng = random.Random(1234)
+    names = [f"t{i:05d}" for i in range(tenants)]
+    config = SupervisorConfig(
+        tenants_dir=None,  # the tenants are added below, not by the watch loop
+        db_url=f"sqlite:///{ctx.workdir / 'tenantflow.db'}",
+        max_concurrency=max_concurrency,
+        max_sandboxes=max_sandboxes,
+        idle_timeout=idle_timeout,
+    )
 
-    async def body() -> _ManyResult:
+    async def prepare(sv: Supervisor, root: Path) -> tuple[float, float, list[str]]:
+        """The sample's real scan, the rest registered directly: (scan s, register s)."""
+        scan = TenantRegistry(root / "sample", _persist(sv), sv.probe)
+        started = time.perf_counter()
+        await scan.refresh()
+        sample_scan = time.perf_counter() - started
+        sv.registry.tenants.update(scan.tenants)
+        for name in names[:sample]:
+            sv.require_tenant(name)
+        cal_names = [f"cal{i:03d}" for i in range(cal_tenants)]
+        started = time.perf_counter()
+        await _register(sv, [*names[sample:], *cal_names], {"main.py": SLEEPER})
+        return sample_scan, time.perf_counter() - started, cal_names
+
+    async def fall_asleep(
+        sv: Supervisor, guard: _LeakGuard, cal_rate: float
+    ) -> tuple[_Asleep, float]:
+        """Create every sleeper, paced; count what is alive once all sleep."""
+        engine, runner = sv.engine, sv.sandboxes
+        rss_before, tasks_before = _rss_mib(), _trio_tasks()
+        hold = 1.6 * tenants / cal_rate + idle_timeout + 1.5
+        first_create = engine.clock.now()
+        t0 = time.perf_counter()
+        window = first_create + hold
+        last = [window]
+
+        def sleepers(tenant_id: str) -> list[Any]:
+            """Called as the tenant's batch is created: its wake times follow the setup."""
+            base = window + _STRETCH * (engine.clock.now() - first_create)
+            wakes = [base + rng.uniform(0.0, _TENANT_SPREAD_S) for _ in range(k)]
+            last[0] = max(last[0], *wakes)
+            return [{"phase": "main", "wake_at": w} for w in wakes]
+
+        seen: list[int] = []
+
+        async def first_wake() -> None:  # the setup overran the hold: count what sleeps
+            seen.append((await _counts(sv)).get("waiting", 0))
+
+        cold, evicted = runner.stats.cold_starts, runner.stats.evictions
+        patience = 60 + 10 * tenants / cal_rate  # a bound on a wait, never an expectation
+        with trio.move_on_after(patience) as scope:
+            reached, peak = await _paced_create(
+                sv, names, k, sleepers, budget=budget, guard=guard, deadline=window - 0.3,
+                at_deadline=first_wake,
+            )  # fmt: skip
+        if scope.cancelled_caught:
+            raise BenchError(f"setup not done after {patience:.0f} s: {await _counts(sv)}")
+        asleep = time.perf_counter()
+        waiting = seen[0] if seen else (await _counts(sv)).get("waiting", 0)
+        cold, evicted = runner.stats.cold_starts - cold, runner.stats.evictions - evicted
+        # Count once idle sandboxes are gone, or just before the first timer fires.
+        with (
+            trio.move_on_at(trio.current_time() + idle_timeout + 1.0),
+            trio.move_on_after(window - engine.clock.now() - 0.2),
+        ):
+            while True:
+                if not runner.processes():
+                    break
+                await trio.sleep(0.02)
+        counted_after = time.perf_counter() - asleep
+        tasks = _trio_tasks()
+        grown = tasks - tasks_before
+        zygote = psutil.Process(runner.zygote.pid)
+        children = zygote.children(recursive=True)
+        alive = [c for c in children if _is_alive(c)]
+        result = _Asleep(
+            reached and waiting >= n, waiting, asleep - t0, counted_after, hold,
+            last[0] - window, cold,
+            evicted, peak, len(runner.live()), len(alive), len(children) - len(alive),
+            _is_alive(zygote), _rss_mib(), rss_before, _rss_mib(runner.zygote.pid),
+            tasks.total(), tasks_before.total(), {t: c for t, c in grown.items() if c},
+            runner.processes(),
+        )  # fmt: skip
+        return result, window
+
+    async def wake(sv: Supervisor, guard: _LeakGuard, opens_at: float, width: float) -> _Wake:
+        """Wait for every sleeper to wake and complete; read their journals."""
+        engine, runner = sv.engine, sv.sandboxes
+        cold = runner.stats.cold_starts
+        load = -1.0
+        peak = 0
+        closes_at = opens_at + width
+        bound = closes_at - engine.clock.now() + 120 + 0.05 * n
+        with trio.move_on_after(bound) as scope:
+            while True:
+                now = engine.clock.now()
+                if load < 0 and now >= opens_at:
+                    load = os.getloadavg()[0]
+                # A count over all rows is O(N): only once nothing runs after the window.
+                if (
+                    now >= closes_at
+                    and engine.running_count == 0
+                    and (await _counts(sv)).get("complete", 0) >= n + cal_tenants * k
+                ):
+                    break
+                peak = max(peak, runner.processes())
+                guard.check()
+                await trio.sleep(0.05)
+        if scope.cancelled_caught:
+            raise BenchError(f"not all complete after the wake: {await _counts(sv)}")
+        guard.check(force=True)
+        traces = await engine.read(functools.partial(_sleep_journal, tenants=names, phase="main"))
+        if len(traces) != n:
+            raise BenchError(f"{len(traces)} journals read for {n} instances")
+        drain = max(t.completed for t in traces) - opens_at
+        return _Wake(traces, drain, runner.stats.cold_starts - cold, peak, load)
+
+    async def restart_sleepers(sv: Supervisor, guard: _LeakGuard, rate: float) -> tuple[int, float]:
+        """k more sleepers for each restart tenant: (waiting at the stop, their wake_at).
+
+        Due 2x the time the main setup's rate (tenants/s) predicts, plus 5 s; creating
+        stops just before that, so the supervisor stops before any of them is due.
+        """
+        engine = sv.engine
+        due = engine.clock.now() + 2.0 * restart_tenants / rate + 5.0
+        r_names = names[:restart_tenants]
+        with trio.move_on_after(due - 0.3 - engine.clock.now()):
+            await _paced_create(
+                sv,
+                r_names,
+                k,
+                lambda t: [{"phase": "restart", "wake_at": due}] * k,
+                budget=budget,
+                guard=guard,
+            )
+        counts = await engine.read(functools.partial(_counts_of, tenants=r_names))
+        return sum(c.get("waiting", 0) for c in counts.values()), due
+
+    async def body() -> tuple[_Setup, _Asleep, _Wake, _Restart, str]:
         root = ctx.workdir / "tenants"
-        names = [f"t{i:05d}" for i in range(n)]
         started = time.perf_counter()
         await trio.to_thread.run_sync(_write_folders, root / "all", names, SLEEPER)
         scan_write = time.perf_counter() - started
         scan_read, rescan = await _time_scan(root / "all")
-
-        config = SupervisorConfig(
-            tenants_dir=None,  # the tenants are added below, not by the watch loop
-            db_url=f"sqlite:///{ctx.workdir / 'tenantflow.db'}",
-            max_concurrency=max_concurrency,
-            max_sandboxes=max_sandboxes,
-            idle_timeout=idle_timeout,
-        )
         await trio.to_thread.run_sync(_write_folders, root / "sample", names[:sample], SLEEPER)
         async with open_supervisor(config) as sv:
-            engine, runner = sv.engine, sv.sandboxes
-            # The sample: the real folder scan, a TenantRegistry wired as open_supervisor
-            # wires its own (store the version, probe it in a sandbox), timed.
-            scan = TenantRegistry(root / "sample", _persist(sv), sv.probe)
+            runner = sv.sandboxes
+            guard = _LeakGuard(runner)
+            sample_scan, register, cal_names = await prepare(sv, root)
+            # Calibration: how fast do never-seen tenants get all k activations?
             started = time.perf_counter()
-            await scan.refresh()
-            sample_scan = time.perf_counter() - started
-            sv.registry.tenants.update(scan.tenants)
-            for name in names[:sample]:
-                sv.require_tenant(name)
-            # The rest (and the calibration tenants): registered directly.
-            cal_names = [f"cal{i:03d}" for i in range(calibration)]
-            started = time.perf_counter()
-            await _register(sv, [*names[sample:], *cal_names], {"main.py": SLEEPER})
-            register = time.perf_counter() - started
-
-            # Calibration: how fast do never-seen tenants get their first activation?
-            started = time.perf_counter()
-            cal_ids = await _create_all(sv, [(t, {"calibrate": True}) for t in cal_names])
-            await _wait_all(sv, cal_ids)
-            cal_rate = calibration / (time.perf_counter() - started)
+            calibrate = [{"calibrate": True}] * k
+            await _paced_create(sv, cal_names, k, lambda t: calibrate, budget=budget, guard=guard)
+            cal_rate = cal_tenants / (time.perf_counter() - started)
             with trio.move_on_after(30):  # let the calibration sandboxes go idle and away
                 while True:
-                    if not runner.live():
+                    if not runner.processes():
                         break
                     await trio.sleep(0.05)
+            setup = _Setup(scan_write, scan_read, rescan, sample_scan, register, cal_rate)
+            asleep, opens_at = await fall_asleep(sv, guard, cal_rate)
+            woke = await wake(sv, guard, opens_at, asleep.width)
+            rate = tenants / asleep.after  # measured at this size, unlike the calibration
+            waiting_at_stop, due = await restart_sleepers(sv, guard, rate)
+            stopping = time.perf_counter()
+        stop = time.perf_counter() - stopping
+        # Every restart timer overdue: a late sleeper slept 1 s from before the stop.
+        await trio.sleep(max(0.0, max(due, time.time() - stop + 1.0) + 0.5 - time.time()))
+        restart = await _catch_up(config, names[:restart_tenants], k, waiting_at_stop, stop)
+        return setup, asleep, woke, restart, str(guard)
 
-            hold = 1.4 * n / cal_rate + 1.0
-            first_create = engine.clock.now()
-            t0 = time.perf_counter()
-            window = [first_create + hold + rng.uniform(2.0, 5.0) for _ in names]
-            items = [(t, {"wake_at": w}) for t, w in zip(names, window, strict=True)]
-            # Paced: at most 2 x max_concurrency instances created and not yet asleep, as
-            # in the calibration (the dispatcher's rounds cost O(queued tenants)).
-            ids: list[tuple[str, str]] = []
-            peak = 0
-            patience = 60 + 10 * n / cal_rate  # a bound on a wait, never an expectation
-            with trio.move_on_after(patience) as scope:
-                for offset in range(0, n, max_concurrency):
-                    while True:
-                        counts = await _counts(sv)
-                        settled = counts.get("waiting", 0) + counts.get("complete", 0)
-                        if len(ids) - (settled - calibration) < 2 * max_concurrency:
-                            break
-                        peak = max(peak, len(runner.live()))
-                        await trio.sleep(0.05)
-                    ids += await _create_all(sv, items[offset : offset + max_concurrency])
-                # Until all are asleep, or the first timer is about to fire.
-                while (await _counts(sv)).get("waiting", 0) < n:
-                    if engine.clock.now() >= min(window) - 0.3:
+    # A bound on the whole run, never an expectation (the full size takes 15-30 minutes).
+    r_setup, r_asleep, r_wake, r_restart, guard_note = trio.run(
+        _bounded, body, max(900.0, 0.03 * n)
+    )
+    return _many_rows(
+        r_setup, r_asleep, r_wake, r_restart,
+        tenants=tenants, k=k, sample=sample, cal_tenants=cal_tenants,
+        max_sandboxes=max_sandboxes, max_concurrency=max_concurrency, idle_timeout=idle_timeout,
+        budget=budget, guard=guard_note,
+    )  # fmt: skip
+
+
+async def _catch_up(
+    config: SupervisorConfig, tenants: Sequence[str], k: int, waiting_at_stop: int, stop: float
+) -> _Restart:
+    """Open a supervisor on a database whose sleepers are all overdue; sample the catch-up."""
+    opened = time.time()
+    started = time.perf_counter()
+    async with open_supervisor(config) as sv:
+        start = time.perf_counter() - started
+        engine, runner = sv.engine, sv.sandboxes
+        guard = _LeakGuard(runner)
+        rss_before = _rss_mib()
+        peaks = {"running": 0, "processes": 0, "tasks": 0, "samples": 0}
+        rss_peak = rss_before
+        cold = runner.stats.cold_starts
+
+        async def sample() -> None:
+            nonlocal rss_peak
+            while True:
+                peaks["running"] = max(peaks["running"], engine.running_count)
+                peaks["processes"] = max(peaks["processes"], runner.processes())
+                if peaks["samples"] % 10 == 0:
+                    peaks["tasks"] = max(peaks["tasks"], _trio_tasks().total())
+                    rss_peak = max(rss_peak, _rss_mib())
+                peaks["samples"] += 1
+                await trio.sleep(0.002)
+
+        remaining = list(tenants)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sample)
+            with trio.move_on_after(120 + 0.1 * len(tenants) * k) as scope:
+                while True:
+                    # The store is read only when nothing runs (at the start, at the end):
+                    # a count per tenant left, too costly to repeat during the catch-up.
+                    guard.check()
+                    if engine.running_count:
+                        await trio.sleep(0.01)
+                        continue
+                    counts = await engine.read(functools.partial(_counts_of, tenants=remaining))
+                    for tenant_id, c in counts.items():
+                        if c.get("errored") or c.get("terminated"):
+                            raise BenchError(f"{tenant_id}'s instances failed: {c}")
+                    busy = ("queued", "running", "waiting")
+                    remaining = [t for t, c in counts.items() if any(c.get(s) for s in busy)]
+                    if not remaining:
                         break
-                    peak = max(peak, len(runner.live()))
-                    await trio.sleep(0.1)
-            if scope.cancelled_caught:
-                raise BenchError(f"setup not done after {patience:.0f} s: {await _counts(sv)}")
-            asleep = time.perf_counter()
-            asleep_count = (await _counts(sv)).get("waiting", 0)
-            # Count once idle sandboxes are gone, or just before the first timer fires.
-            first_wake = min(window) - engine.clock.now()
-            await trio.sleep(max(0.0, min(idle_timeout + 0.5, first_wake - 0.2)))
-            counted_after = time.perf_counter() - asleep
-            zygote = psutil.Process(runner.zygote.pid)
-            children = zygote.children(recursive=True)
-            alive = [c for c in children if _is_alive(c)]
-            live_sandboxes = len(runner.live())
-            rss, zygote_rss = _rss_mib(), _rss_mib(runner.zygote.pid)
-            zygote_alive = _is_alive(zygote)
-            cold_mid = runner.stats.cold_starts
-            # The wake: wait for every instance to complete.
-            with trio.move_on_after(hold + patience) as scope:
-                while (await _counts(sv)).get("complete", 0) < n + calibration:
-                    peak = max(peak, len(runner.live()))
-                    await trio.sleep(0.2)
-            if scope.cancelled_caught:
-                raise BenchError(f"not all complete after the wake: {await _counts(sv)}")
-            drain = engine.clock.now() - (first_create + hold)
-            journal = await engine.read(functools.partial(_journals, ids=ids))
-            timer_late: list[float] = []
-            timer_ended: list[float] = []
-            e2e_late: list[float] = []
-            late_sleepers = 0
-            for record, steps in journal:
-                if record.status is not InstanceStatus.COMPLETE:
-                    raise BenchError(f"instance {record} did not complete")
-                nap = next(s for s in steps if s.kind is StepKind.SLEEP)
-                after = next(s for s in steps if s.kind is StepKind.DO)
-                assert nap.wake_at is not None
-                assert nap.ended_at is not None
-                assert after.started_at is not None
-                if nap.status is not StepStatus.COMPLETE:
-                    raise BenchError(f"sleep step ended {nap.status}")
-                if abs(nap.wake_at - record.params["params"]["wake_at"]) > 1e-6:
-                    late_sleepers += 1
-                timer_late.append((nap.ended_at - nap.wake_at) * 1000)
-                timer_ended.append(nap.ended_at)
-                e2e_late.append((after.started_at - nap.wake_at) * 1000)
-            if len(timer_late) != n:
-                raise BenchError(f"{len(timer_late)} journals read for {n} instances")
-            return _ManyResult(
-                n, scan_write, scan_read, rescan, sample, sample_scan, register, cal_rate,
-                hold, asleep_count, asleep - t0, late_sleepers, counted_after, live_sandboxes,
-                len(alive), len(children) - len(alive), zygote_alive, rss, zygote_rss,
-                timer_late, timer_ended, e2e_late, drain, runner.stats.cold_starts - cold_mid,
-                peak,
-            )  # fmt: skip
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+        if scope.cancelled_caught:
+            raise BenchError(f"the restart did not catch up: {len(remaining)} tenants left")
+        guard.check(force=True)
+        traces = await engine.read(
+            functools.partial(_sleep_journal, tenants=tenants, phase="restart")
+        )
+        return _Restart(
+            len(tenants) * k, waiting_at_stop, stop, start, traces, opened, peaks["samples"],
+            peaks["running"], peaks["processes"], peaks["tasks"], rss_before, rss_peak,
+            runner.stats.cold_starts - cold, guard,
+        )  # fmt: skip
 
-    # 2N cold starts take minutes at 10,000 on a busy machine: a larger bound than
-    # run_engine's (the waits inside have their own, scaled to the measured rate).
-    r: _ManyResult = trio.run(_bounded, body, max(600.0, 0.2 * n))
+
+def _many_rows(
+    setup: _Setup,
+    asleep: _Asleep,
+    woke: _Wake,
+    restart: _Restart,
+    *,
+    tenants: int,
+    k: int,
+    sample: int,
+    cal_tenants: int,
+    max_sandboxes: int,
+    max_concurrency: int,
+    idle_timeout: float,
+    budget: int,
+    guard: str,
+) -> list[Measurement]:
+    """The rows and notes of ``scale.many_tenants``."""
+    n = tenants * k
+    width = asleep.width
     name = "scale.many_tenants"
-    params = {"tenants": n, "max_sandboxes": max_sandboxes, "max_concurrency": max_concurrency,
+    params = {"tenants": tenants, "instances_per_tenant": k, "instances": n,
+              "max_sandboxes": max_sandboxes, "max_concurrency": max_concurrency,
               "idle_timeout_s": idle_timeout,
-              "sleep": "until hold + U(2, 5) s", "clock": "wall"}  # fmt: skip
-    per_tenant = r.sample_scan / r.sample
-    asleep = (
-        f"{n} tenants each with one waiting instance; counted {r.counted_after:.2f} s after "
-        f"the last went to sleep"
-        if r.asleep_count >= n
-        else f"{n} tenants, but only {r.asleep_count} instances waiting when the first timer "
-        f"was due (the setup took longer than the calibration predicted); counted "
-        f"{r.counted_after:.2f} s later"
-    )
+              "sleep": f"tenant created c s after the first: until hold + {_STRETCH:g} c s;"
+                       f" its instances + U(0, {_TENANT_SPREAD_S:g}) s",
+              "window_s": round(width, 1), "wake_rate_per_s": round(n / width),
+              "restart_instances": restart.created, "clock": "wall"}  # fmt: skip
+    late_sleepers = sum(abs(t.wake_at - t.asked) > 1e-6 for t in woke.traces)
+    if asleep.reached:
+        state = (
+            f"{n} instances ({tenants} tenants x {k}) waiting; counted "
+            f"{asleep.counted_after:.2f} s after the last went to sleep"
+        )
+    else:
+        state = (
+            f"{tenants} tenants x {k}, but only {asleep.waiting} of {n} instances waiting when "
+            f"the first timer was due (the setup took longer than the calibration predicted); "
+            f"counted {asleep.counted_after:.2f} s later"
+        )
+    processes = asleep.zygote_children + asleep.zygote_alive
     processes_note = (
-        f"{asleep}: {r.live_sandboxes} live sandboxes, {r.zygote_children} "
-        f"children of the zygote (+{r.zombies} zombies), zygote "
-        f"{'alive' if r.zygote_alive else 'GONE'} (so {r.zygote_children + r.zygote_alive} "
-        f"processes besides the supervisor); setup: first create -> all {n} waiting "
-        f"{r.asleep_after:.1f} s ({n / r.asleep_after:.0f} tenants/s, a cold start each; "
-        f"max_sandboxes {max_sandboxes}, peak {r.peak_sandboxes} alive), the creates paced "
-        f"to keep at most {2 * max_concurrency} not yet asleep; {r.late_sleepers} reached "
-        f"their sleep after their wake time (slept 1 s instead)"
+        f"{state}: {asleep.live_sandboxes} live sandboxes, {asleep.zygote_children} "
+        f"children of the zygote (+{asleep.zombies} zombies) while the runner counted "
+        f"{asleep.runner_processes} sandbox processes, zygote "
+        f"{'alive' if asleep.zygote_alive else 'GONE'} (so {processes} processes besides "
+        f"the supervisor); setup: first create -> all {n} waiting {asleep.after:.1f} s "
+        f"({tenants / asleep.after:.0f} tenants/s, {n / asleep.after:.0f} instances/s), "
+        f"{asleep.cold_starts} cold starts for {tenants} tenants (each tenant's {k} created "
+        f"in one create_batch), {asleep.evictions} sandboxes evicted to make room; "
+        f"max_sandboxes {max_sandboxes}, peak {asleep.peak_processes} sandbox processes "
+        f"(SandboxRunner.processes(), sampled); {guard} from the calibration to the end of "
+        f"the wake; the creates paced to keep at most {budget} instances not yet asleep; "
+        f"{late_sleepers} reached their sleep after their wake time (slept 1 s instead)"
     )
+    growth = ", ".join(f"{name} {count:+d}" for name, count in asleep.task_growth.items())
+    tasks_note = (
+        f"trio tasks in this process (walked from trio.lowlevel.current_root_task() "
+        f"through child_nurseries -> child_tasks: the supervisor, the engine, the sandbox "
+        f"runner, the benchmark's own): {asleep.tasks_before} just before the first create "
+        f"(nothing waiting, no sandbox), {asleep.tasks} with {n} instances asleep "
+        f"({asleep.tasks - asleep.tasks_before:+d}"
+        + (f": by coroutine, {growth})" if growth else ")")
+        + f"; while the {restart.created} overdue instances caught up after the restart "
+        f"(at most {max_concurrency} running), the peak was {restart.peak_tasks}"
+    )
+    per_scan = setup.sample_scan / sample
     scan_note = (
-        f"tenant folders: writing {n} took {r.scan_write:.1f} s; reading and hashing them "
-        f"(TenantRegistry.refresh without storing or probing) {r.scan_read:.2f} s, a rescan "
-        f"of the {n} unchanged folders {r.rescan:.2f} s (the watch loop does this every "
-        f"scan_interval, 1 s by default); the real scan of {r.sample} new tenants (read, "
-        f"store the version, load it in a fresh sandbox, one after another) took "
-        f"{r.sample_scan:.2f} s, {per_tenant * 1000:.0f} ms per tenant, so ~"
-        f"{per_tenant * n:.0f} s for {n}: the others were registered directly "
-        f"(put_code_version + registry state) in {r.register:.2f} s"
-    )
-    rounds = sorted(set(r.timer_ended))
-    gaps = [(b - a) * 1000 for a, b in itertools.pairwise(rounds)] or [0.0]
-    timer_note = (
-        f"sleep step ended_at - wake_at over {n} timers in a 3 s window: mean "
-        f"{statistics.fmean(r.timer_late):.1f} ms, max {max(r.timer_late):.1f} ms; the "
-        f"engine's timer loop resolved them in {len(rounds)} rounds (one commit each; "
-        f"ended_at is the round's clock reading), {n / len(rounds):.1f} timers per round, "
-        f"median {statistics.median(gaps):.1f} ms and max {max(gaps):.0f} ms between "
-        f"rounds, while the same event loop started the woken instances"
-    )
-    e2e_note = (
-        f"next step's started_at - wake_at: needs a sandbox per tenant again ({r.cold_starts} "
-        f"cold starts in the wake phase, {max_concurrency} instances at once), so it is bounded by "
-        f"the cold-start rate: mean {statistics.fmean(r.e2e_late) / 1000:.2f} s, max "
-        f"{max(r.e2e_late) / 1000:.2f} s; all {n} complete {r.drain:.1f} s after the window "
-        f"opened ({n / max(r.drain, 1e-9):.0f}/s); calibration: {r.cal_rate:.0f} never-seen "
-        f"tenants/s reached their first activation"
+        f"tenant folders: writing {tenants} took {setup.scan_write:.1f} s; reading and "
+        f"hashing them (TenantRegistry.refresh without storing or probing) "
+        f"{setup.scan_read:.2f} s, a rescan of the {tenants} unchanged folders "
+        f"{setup.rescan:.2f} s (the watch loop does this every scan_interval, 1 s by "
+        f"default); the real scan of {sample} new tenants (read, store the version, load it "
+        f"in a fresh sandbox, one after another) took {setup.sample_scan:.2f} s, "
+        f"{per_scan * 1000:.0f} ms per tenant, so ~{per_scan * tenants:.0f} s for {tenants}: "
+        f"the others were registered directly (put_code_version + registry state) in "
+        f"{setup.register:.2f} s"
     )
     rss_note = (
         f"RSS of this process (supervisor, engine, HTTP-less; includes the bench harness) "
-        f"with {n} tenants registered and {n} instances waiting; zygote RSS "
-        f"{r.zygote_rss:.1f} MiB"
+        f"with {tenants} tenants registered and {n} instances waiting; zygote RSS "
+        f"{asleep.zygote_rss:.1f} MiB; {scan_note}"
     )
-    if r.asleep_count >= n:
-        processes = [
-            Measurement(
-                name,
-                r.live_sandboxes,
-                "",
-                "live sandboxes while asleep",
-                0,
-                Direction.AT_MOST,
-                processes_note,
-                params,
-            ),
-            Measurement(
-                name,
-                r.zygote_children + r.zygote_alive,
-                "",
-                "processes while asleep (zygote + children)",
-                params=params,
-            ),
-        ]
+    per_instance = (asleep.rss - asleep.rss_before) * 1024 / n
+    per_instance_note = (
+        f"(RSS with {n} instances asleep {asleep.rss:.1f} MiB - RSS just before the first "
+        f"create {asleep.rss_before:.1f} MiB) / {n}; the growth also holds what the setup "
+        f"left behind (SQLite's page caches as the database grew, at most 2 MiB per "
+        f"connection; memory Python's allocator keeps after {asleep.cold_starts} sandboxes "
+        f"and {n} activations)"
+    )
+    timer_late = [(t.ended_at - t.wake_at) * 1000 for t in woke.traces]
+    e2e_late = [(t.next_started - t.wake_at) * 1000 for t in woke.traces]
+    rounds = sorted({t.ended_at for t in woke.traces})
+    gaps = [(b - a) * 1000 for a, b in itertools.pairwise(rounds)] or [0.0]
+    load = f"{woke.load:.2f}" if woke.load >= 0 else "?"
+    timer_note = (
+        f"sleep step ended_at - wake_at over {n} timers; each tenant's time in a "
+        f"{width:.1f} s window ({n / width:.0f} instances/s, {tenants / width:.0f} tenants/s: "
+        f"the tenants wake in the order they were created, {_STRETCH:g}x as spread out as "
+        f"the setup got them asleep), its {k} instances within {_TENANT_SPREAD_S:g} s after "
+        f"it: mean "
+        f"{statistics.fmean(timer_late):.1f} ms, max {max(timer_late):.1f} ms; the "
+        f"engine's timer rounds (the writer's commit thread, on its alarm) resolved them in "
+        f"{len(rounds)} rounds (one commit each; ended_at is the round's clock reading), "
+        f"{n / len(rounds):.1f} timers per round, median {statistics.median(gaps):.1f} ms "
+        f"and max {max(gaps):.0f} ms between rounds, while the event loop started the woken "
+        f"instances; load average {load} when the window opened (2 CPUs)"
+    )
+    e2e_note = (
+        f"next step's started_at - wake_at: needs each tenant's sandbox again "
+        f"({woke.cold_starts} cold starts in the wake phase for {tenants} tenants, "
+        f"{max_concurrency} instances at once, peak {woke.peak_processes} sandbox "
+        f"processes), so it is bounded by the cold-start rate: mean "
+        f"{statistics.fmean(e2e_late) / 1000:.2f} s, max {max(e2e_late) / 1000:.2f} s; all "
+        f"{n} complete {woke.drain:.1f} s after the window opened "
+        f"({n / max(woke.drain, 1e-9):.0f} instances/s); calibration: {cal_tenants} "
+        f"never-seen tenants x {k} instances, {setup.cal_rate:.0f} tenants/s had all theirs run"
+    )
+    # Overdue: due before the supervisor reopened, resolved by the reopened one.
+    resolved = [
+        t for t in restart.traces if t.wake_at < restart.opened and t.ended_at >= restart.opened
+    ]
+    r_rounds = sorted({t.ended_at for t in resolved})
+    if resolved:
+        overdue_by = statistics.median(restart.opened - t.wake_at for t in resolved)
+        timers_done = (r_rounds[-1] - restart.opened) * 1000
+        first_step = min(t.next_started for t in resolved) - restart.opened
+        drain = max(t.completed for t in resolved) - restart.opened
+    else:
+        overdue_by = timers_done = first_step = drain = math.nan
+    restart_note = (
+        f"{len(restart.traces)} more sleepers ({restart.created // k} tenants x {k}), "
+        f"{restart.waiting_at_stop} asleep when the supervisor stopped (leaving "
+        f"open_supervisor took {restart.stop:.2f} s); reopened on the same database "
+        f"({n + restart.created + cal_tenants * k} instances) once all were overdue "
+        f"(median {overdue_by:.1f} s): open_supervisor took {restart.start:.2f} s, then "
+        f"{len(resolved)} overdue timers resolved in {len(r_rounds)} rounds (WAKE_BATCH "
+        f"500) within {timers_done:.0f} ms of the open; sampled every 2 ms from its return "
+        f"({restart.samples} samples): running_count peak {restart.peak_running} "
+        f"(max_concurrency {max_concurrency}), sandbox processes peak "
+        f"{restart.peak_processes} (max_sandboxes {max_sandboxes}), trio tasks peak "
+        f"{restart.peak_tasks}, RSS {restart.rss_before:.1f} -> peak {restart.rss_peak:.1f} "
+        f"MiB; {restart.guard}"
+    )
+    drain_note = (
+        f"open_supervisor entered -> all {len(resolved)} overdue instances complete: "
+        f"{drain:.1f} s ({len(resolved) / drain:.0f} instances/s through {max_concurrency} "
+        f"slots, {restart.cold_starts} cold starts); the first next step started "
+        f"{first_step:.2f} s after the open"
+    )
+    restart_params = {**params, "restart_tenants": restart.created // k}
+    if asleep.reached:
+        alive = [
+            Measurement(name, asleep.live_sandboxes, "", "live sandboxes while asleep", 0,
+                        Direction.AT_MOST, processes_note, params),
+            Measurement(name, processes, "", "processes while asleep (zygote + children)",
+                        params=params),
+            Measurement(name, asleep.tasks, "", "trio tasks alive while asleep",
+                        notes=tasks_note, params=params),
+            Measurement(name, per_instance, "KiB", "RSS per sleeping instance",
+                        notes=per_instance_note, params=params),
+        ]  # fmt: skip
     else:
         why = (
-            f"the setup overran the calibrated hold: {n - r.asleep_count} of {n} not "
+            f"the setup overran the calibrated hold: {n - asleep.waiting} of {n} not "
             f"asleep when the first timer was due"
         )
-        processes = [
-            Measurement.skip(
-                name,
-                why,
-                label="live sandboxes while asleep",
-                target=0,
-                direction=Direction.AT_MOST,
-                params=params,
-            ),
-            Measurement.skip(
-                name, why, label="processes while asleep (zygote + children)", params=params
-            ),
-        ]
+        alive = [
+            Measurement.skip(name, why, label="live sandboxes while asleep", target=0,
+                             direction=Direction.AT_MOST, params=params),
+            Measurement.skip(name, why, label="processes while asleep (zygote + children)",
+                             params=params),
+            Measurement.skip(name, why, label="trio tasks alive while asleep", params=params),
+            Measurement.skip(name, why, unit="KiB", label="RSS per sleeping instance",
+                             params=params),
+        ]  # fmt: skip
     return [
-        *processes,
-        Measurement(name, r.rss, "MiB", "supervisor RSS", notes=f"{rss_note}; {scan_note}",
+        Measurement(name, asleep.waiting, "", "instances waiting", n, Direction.AT_LEAST,
                     params=params),
-        Measurement(name, percentile(r.timer_late, 50), "ms", "timer lateness p50",
+        *alive,
+        Measurement(name, asleep.rss, "MiB", "supervisor RSS", notes=rss_note, params=params),
+        Measurement(name, percentile(timer_late, 50), "ms", "timer lateness p50",
                     notes=timer_note, params=params),
-        Measurement(name, percentile(r.timer_late, 99), "ms", "timer lateness p99", 50,
+        Measurement(name, percentile(timer_late, 99), "ms", "timer lateness p99", 50,
                     Direction.AT_MOST, params=params),
-        Measurement(name, percentile(r.e2e_late, 50), "ms", "wake -> next step p50",
+        Measurement(name, percentile(e2e_late, 50), "ms", "wake -> next step p50",
                     notes=e2e_note, params=params),
-        Measurement(name, percentile(r.e2e_late, 99), "ms", "wake -> next step p99",
+        Measurement(name, percentile(e2e_late, 99), "ms", "wake -> next step p99",
                     params=params),
+        Measurement(name, restart.peak_running, "", "restart: peak running (overdue timers)",
+                    max_concurrency, Direction.AT_MOST, restart_note, restart_params),
+        Measurement(name, drain, "s", "restart: catch-up", notes=drain_note,
+                    params=restart_params),
     ]  # fmt: skip
 
 
-async def _bounded(fn: Callable[[], Awaitable[_ManyResult]], seconds: float) -> _ManyResult:
+async def _bounded(fn: Callable[[], Awaitable[_T]], seconds: float) -> _T:
+    """``fn()`` within ``seconds``; a BenchError raised in a nursery comes out unwrapped."""
     with trio.fail_after(seconds):
-        return await fn()
+        try:
+            return await fn()
+        except BaseExceptionGroup as group:
+            errors, _ = group.split(BenchError)
+            while errors is not None and isinstance(errors.exceptions[0], BaseExceptionGroup):
+                errors = errors.exceptions[0]
+            if errors is None:
+                raise
+            raise errors.exceptions[0] from group
+
+
+def _trio_tasks() -> collections.Counter[str]:
+    """Trio tasks alive in this run by name: the task tree walked from the root task."""
+    stack = [trio.lowlevel.current_root_task()]
+    names: collections.Counter[str] = collections.Counter()
+    while stack:
+        task = stack.pop()
+        if task is None:
+            continue
+        names[task.name.rsplit(".", 1)[-1]] += 1
+        for nursery in task.child_nurseries:
+            stack.extend(nursery.child_tasks)
+    return names
 
 
 def _is_alive(process: psutil.Process) -> bool:
@@ -967,15 +1333,115 @@ def _is_alive(process: psutil.Process) -> bool:
         return False
 
 
-def _journals(
-    txn: StoreTxn, ids: Sequence[tuple[str, str]]
-) -> list[tuple[InstanceRecord, list[StepRecord]]]:
-    out = []
-    for tenant_id, instance_id in ids:
-        record = txn.get_instance(tenant_id, instance_id)
-        if record is None:
-            raise BenchError(f"instance {tenant_id}/{instance_id} is gone")
-        out.append((record, txn.load_steps(record.key)))
+async def _paced_create(
+    sv: Supervisor,
+    tenants: Sequence[str],
+    per_tenant: int,
+    params: Callable[[str], list[Any]],
+    *,
+    budget: int,
+    guard: _LeakGuard,
+    deadline: float = math.inf,
+    at_deadline: Callable[[], Awaitable[None]] | None = None,
+) -> tuple[bool, int]:
+    """Each tenant's instances in one ``create_batch``, at most ``budget`` not yet settled.
+
+    An instance is settled once it is neither queued nor running (asleep, or complete):
+    only the tenants in flight are counted (one indexed count each), never all rows. A
+    tenant's ``per_tenant`` instances go in once they fit (or when nothing is in
+    flight); ``params(tenant)`` is called just before its batch is created. Returns once
+    every instance has settled: (settled before ``deadline`` on the engine's clock, peak
+    sandbox processes); ``at_deadline`` is awaited once if the deadline passes first.
+    BenchError if an instance failed.
+    """
+    engine, runner = sv.engine, sv.sandboxes
+    inflight: dict[str, int] = {}  #: tenant -> its instances not yet settled
+    pending = iter(tenants)
+    done = False
+    missed = False
+    peak = 0
+    while True:
+        if inflight:
+            counts = await engine.read(functools.partial(_counts_of, tenants=list(inflight)))
+            for tenant_id, c in counts.items():
+                if c.get("errored") or c.get("terminated"):
+                    raise BenchError(f"{tenant_id}'s instances failed: {c}")
+                left = c.get("queued", 0) + c.get("running", 0)
+                if left:
+                    inflight[tenant_id] = left
+                else:
+                    del inflight[tenant_id]
+        if done and not inflight:
+            return not missed, peak
+        if not missed and engine.clock.now() >= deadline:
+            missed = True
+            if at_deadline is not None:
+                await at_deadline()
+        room = budget - sum(inflight.values())
+        batch: list[str] = []
+        while not done and (per_tenant <= room or not (inflight or batch)):
+            upcoming = next(pending, None)
+            if upcoming is None:
+                done = True
+                break
+            batch.append(upcoming)
+            room -= per_tenant
+        if batch:
+            await _create_batches(sv, [(tenant_id, params(tenant_id)) for tenant_id in batch])
+            inflight.update((tenant_id, per_tenant) for tenant_id in batch)
+        else:
+            peak = max(peak, runner.processes())
+            guard.check()
+            await trio.sleep(0.02)
+
+
+async def _create_batches(sv: Supervisor, batch: Sequence[tuple[str, list[Any]]]) -> None:
+    """``Supervisor.binding(t).create_batch`` of each tenant's params, concurrently."""
+
+    async def one(tenant_id: str, params: list[Any]) -> None:
+        result = await sv.binding(tenant_id).create_batch([{"params": p} for p in params])
+        if result.errors or len(result.created) != len(params):
+            raise BenchError(f"create_batch of {tenant_id}: {result.errors[:1]}")
+
+    async with trio.open_nursery() as nursery:
+        for tenant_id, params in batch:
+            nursery.start_soon(one, tenant_id, params)
+
+
+def _counts_of(txn: StoreTxn, tenants: Sequence[str]) -> dict[str, dict[str, int]]:
+    return {tenant_id: txn.count_by_status(tenant_id) for tenant_id in tenants}
+
+
+def _sleep_journal(txn: StoreTxn, tenants: Sequence[str], phase: str) -> list[_Trace]:
+    """The traces of the tenants' completed sleepers created with ``{"phase": phase}``."""
+    out: list[_Trace] = []
+    for tenant_id in tenants:
+        for key, _ in txn.list_instances(tenant_id, None, 10_000, None):
+            record = txn.get_instance_by_key(key)
+            if record is None:
+                raise BenchError(f"instance {tenant_id}/{key} is gone")
+            params = (record.params or {}).get("params") or {}
+            if params.get("phase") != phase:
+                continue
+            if record.status is not InstanceStatus.COMPLETE:
+                raise BenchError(f"instance {record} did not complete")
+            steps = txn.load_steps(key)
+            nap = next(s for s in steps if s.kind is StepKind.SLEEP)
+            after = next(s for s in steps if s.kind is StepKind.DO)
+            if nap.status is not StepStatus.COMPLETE:
+                raise BenchError(f"sleep step ended {nap.status}")
+            assert nap.wake_at is not None
+            assert nap.ended_at is not None
+            assert after.started_at is not None
+            out.append(
+                _Trace(
+                    params["wake_at"],
+                    nap.wake_at,
+                    nap.ended_at,
+                    after.started_at,
+                    record.updated_at,
+                )
+            )
     return out
 
 
