@@ -607,12 +607,14 @@ class SandboxRunner(Runner):
                 self._sandboxes.move_to_end(key)
                 sandbox.last_used = trio.current_time()
                 return sandbox
-            if sandbox is not None:
-                self._forget(sandbox)
             starting = self._starting.get(key)
             if starting is not None:
+                # Being spawned by another caller: share it. (Forgetting a sandbox that
+                # is still loading once leaked it: out of the pool, never evicted.)
                 await starting.wait()
                 continue
+            if sandbox is not None:
+                self._forget(sandbox)  # dead (a loading one always has its event above)
             done = trio.Event()
             self._starting[key] = done
             try:

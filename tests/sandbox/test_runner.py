@@ -397,3 +397,34 @@ def _alive(process: psutil.Process) -> bool:
         return process.status() != psutil.STATUS_ZOMBIE
     except (psutil.Error, OSError):  # gone between listing and reading
         return False
+
+
+async def test_concurrent_first_activations_of_a_tenant_share_one_sandbox(tmp_path):
+    """Several activations of a cold tenant at once: one spawn, one process, in the pool.
+    (A caller that found the sandbox still loading once dropped it from the pool: its
+    process then lived on, uncounted and never evicted.)"""
+    from sandbox._host import open_sandbox_runner
+
+    async def code(tenant_id, version):
+        return {"main.py": GREETER}
+
+    async with open_sandbox_runner(code, idle_timeout=0.2, max_sandboxes=4) as runner:
+        got = []
+
+        async def get() -> None:
+            got.append(await runner.get_sandbox("acme", "v1"))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(get)
+            with trio.fail_after(30):  # the others come while it loads the tenant's code
+                while ("acme", "v1") not in runner._sandboxes:
+                    await trio.sleep(0.001)
+            for _ in range(4):
+                nursery.start_soon(get)
+        assert len({id(s) for s in got}) == 1
+        assert runner.stats.cold_starts == 1
+        assert runner.live() == [got[0]]
+        zygote = psutil.Process(runner.zygote.pid)
+        with trio.fail_after(30):  # idle: evicted, and its process gone
+            while runner.live() or [c for c in zygote.children() if _alive(c)]:
+                await trio.sleep(0.05)
