@@ -27,7 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -1299,17 +1299,28 @@ def _many_rows(
 
 
 async def _bounded(fn: Callable[[], Awaitable[_T]], seconds: float) -> _T:
-    """``fn()`` within ``seconds``; a BenchError raised in a nursery comes out unwrapped."""
+    """``fn()`` within ``seconds``; an error raised through nurseries comes out unwrapped.
+
+    The harness reports an exception's first line: a BenchError (or the only error)
+    says more than "Exceptions from Trio nursery".
+    """
     with trio.fail_after(seconds):
         try:
             return await fn()
         except BaseExceptionGroup as group:
-            errors, _ = group.split(BenchError)
-            while errors is not None and isinstance(errors.exceptions[0], BaseExceptionGroup):
-                errors = errors.exceptions[0]
-            if errors is None:
+            leaves = list(_leaves(group))
+            errors = [e for e in leaves if isinstance(e, BenchError)] or leaves
+            if len(errors) > 1 and not isinstance(errors[0], BenchError):
                 raise
-            raise errors.exceptions[0] from group
+            raise errors[0] from group
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc
 
 
 def _trio_tasks() -> collections.Counter[str]:
