@@ -305,13 +305,7 @@ class Engine:
                 session.tenant_id,
                 session.instance_id,
             )
-            session.stopped = True  # it writes nothing more (fencing would refuse it anyway)
-            if session.channel is not None:
-                try:
-                    await session.channel.abort("lease lost")
-                except Exception as exc:  # a runner must not take the lease loop down
-                    log.warning("aborting %s failed: %s", session.instance_id, exc)
-            session.scope.cancel()
+            await self._stop_activation(key, "lease lost")
         return lost
 
     async def _release_orphans(self, orphans: dict[int, int]) -> None:
@@ -809,12 +803,16 @@ class Engine:
             self._nursery.start_soon(self._stop_activation, key, reason)
 
     async def _stop_activation(self, key: int, reason: str) -> None:
+        """Stop an activation whose token is stale (terminated, restarted, lease lost)."""
         session = self._sessions.get(key)
         if session is None or session.stopped:
             return
         session.stopped = True  # it writes nothing more (fencing would refuse it anyway)
         if session.channel is not None:
-            await session.channel.abort(reason)
+            try:
+                await session.channel.abort(reason)
+            except Exception as exc:  # a runner must not take its caller (the lease loop) down
+                log.warning("aborting %s failed: %s", session.instance_id, exc)
         session.scope.cancel()
 
     # ------------------------------------------------------------------ dispatcher
@@ -1022,18 +1020,12 @@ def _recover_expired(now: float) -> Callable[[StoreTxn], list[tuple[int, str]]]:
 
 
 @asynccontextmanager
-async def open_engine(
-    store: Store,
-    runner: Runner,
-    *,
-    clock: Clock | None = None,
-    max_concurrency: int = 1000,
-    max_steps: int = DEFAULT_MAX_STEPS,
-) -> AsyncIterator[Engine]:
-    """Start an engine in a nursery of its own; stop it (and close nothing else) on exit."""
-    engine = Engine(
-        store, runner, clock=clock, max_concurrency=max_concurrency, max_steps=max_steps
-    )
+async def open_engine(store: Store, runner: Runner, **options: Any) -> AsyncIterator[Engine]:
+    """Start an engine in a nursery of its own; stop it (and close nothing else) on exit.
+
+    ``options`` are ``Engine``'s keyword arguments (clock, max_concurrency, ...).
+    """
+    engine = Engine(store, runner, **options)
     async with trio.open_nursery() as nursery:
         await nursery.start(engine.run)
         try:

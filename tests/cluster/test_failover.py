@@ -238,6 +238,20 @@ def wait_all_finished(sup: Sup, ids: dict[str, list[str]], timeout: float) -> No
                 time.sleep(0.1)
 
 
+def assert_outputs_are_their_steps(sup: Sup, ids: dict[str, list[str]]) -> None:
+    """Each instance returned exactly the outputs its journal recorded (TENANTS' shapes)."""
+    for tenant, iids in ids.items():
+        for iid in iids:
+            view = sup.call("GET", f"/v1/tenants/{tenant}/instances/{iid}")
+            dos = {s["name"]: s["output"] for s in view["steps"] if s.get("type", "do") == "do"}
+            if tenant == "waiter":
+                assert view["output"] == [dos["a"], iid, dos["b"]]
+            elif tenant == "worker":
+                assert view["output"] == [dos["a"], dos["b"], dos["c"]]
+            else:
+                assert view["output"] == [dos["a"], dos["b"]]
+
+
 def test_three_supervisors_one_killed_one_stopped(cluster: Any, schema: str) -> None:
     sups = [cluster(TENANTS) for _ in range(3)]
     watch = OutputWatch(schema)
@@ -288,16 +302,7 @@ def test_three_supervisors_one_killed_one_stopped(cluster: Any, schema: str) -> 
     assert watch.changed == []
     assert dead_held and stopped_held
     # Every instance's output is what its steps recorded (no step ran twice in effect).
-    for tenant, iids in ids.items():
-        for iid in iids:
-            view = sups[2].call("GET", f"/v1/tenants/{tenant}/instances/{iid}")
-            dos = {s["name"]: s["output"] for s in view["steps"] if s.get("type", "do") == "do"}
-            if tenant == "waiter":
-                assert view["output"] == [dos["a"], iid, dos["b"]]
-            elif tenant == "worker":
-                assert view["output"] == [dos["a"], dos["b"], dos["c"]]
-            else:
-                assert view["output"] == [dos["a"], dos["b"]]
+    assert_outputs_are_their_steps(sups[2], ids)
     assert sups[1].proc.poll() is None and sups[2].proc.poll() is None
     # The stopped supervisor's instances were all finished by someone: it resumed, saw
     # its leases gone, and wrote nothing (outputs never changed, above).
@@ -390,16 +395,7 @@ def test_postgres_restarted_mid_run(cluster: Any, schema: str) -> None:
     wait_all_finished(sups[0], ids, timeout=90)
     watch.stop()
     assert watch.changed == []
-    for tenant, iids in ids.items():
-        for iid in iids:
-            view = sups[1].call("GET", f"/v1/tenants/{tenant}/instances/{iid}")
-            dos = {s["name"]: s["output"] for s in view["steps"] if s.get("type", "do") == "do"}
-            if tenant == "waiter":
-                assert view["output"] == [dos["a"], iid, dos["b"]]
-            elif tenant == "worker":
-                assert view["output"] == [dos["a"], dos["b"], dos["c"]]
-            else:
-                assert view["output"] == [dos["a"], dos["b"]]
+    assert_outputs_are_their_steps(sups[1], ids)
     # one record per step: a step recorded twice would be a second row or a changed one
     dupes = sql(schema, "SELECT key, name, count, count(*) FROM steps"
                         " GROUP BY key, name, count HAVING count(*) > 1")  # fmt: skip

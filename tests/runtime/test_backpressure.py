@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from runtime import Engine, InProcessRunner, WallClock, open_store
+from runtime import InProcessRunner, WallClock, open_engine, open_store
 from runtime.errors import StorageBusy
 from sandbox.sdk import WorkflowEntrypoint
 
@@ -26,11 +26,13 @@ class One(WorkflowEntrypoint):
 async def test_a_locked_database_refuses_new_writes_and_keeps_the_accepted(tmp_path: Path):
     path = tmp_path / "engine.db"
     store = open_store(str(path))
-    engine = Engine(store, InProcessRunner({T: One}), clock=WallClock(), max_write_lag=0.3)
     other = sqlite3.connect(path, isolation_level=None)
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(engine.run)
+        runner = InProcessRunner({T: One})
+        async with (
+            open_engine(store, runner, clock=WallClock(), max_write_lag=0.3) as engine,
+            trio.open_nursery() as nursery,
+        ):
             other.execute("BEGIN EXCLUSIVE")  # another process's long write transaction
             accepted: list[str] = []
 
@@ -54,7 +56,6 @@ async def test_a_locked_database_refuses_new_writes_and_keeps_the_accepted(tmp_p
             iid, _ = await engine.create(T, params=3)  # and it takes writes again
             with trio.fail_after(20):
                 assert await engine.wait_for_status(T, iid, ["complete"]) == "complete"
-            nursery.cancel_scope.cancel()
     finally:
         other.close()
         store.close()

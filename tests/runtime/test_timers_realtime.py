@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from runtime import Engine, InProcessRunner, WallClock
+from runtime import Engine, InProcessRunner, WallClock, open_engine
 from runtime._timers import WAKE_BATCH
 from sandbox.sdk import WorkflowEntrypoint
 
@@ -30,14 +30,13 @@ class Nap(WorkflowEntrypoint):
 
 
 @asynccontextmanager
-async def wall_engine(store_location, **kwargs) -> AsyncIterator[Engine]:
+async def wall_engine(store_location, workflow=Nap, **options) -> AsyncIterator[Engine]:
     store = store_location.open()
-    engine = Engine(store, InProcessRunner({T: Nap}), clock=WallClock(), **kwargs)
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(engine.run)
+        async with open_engine(
+            store, InProcessRunner({T: workflow}), clock=WallClock(), **options
+        ) as engine:
             yield engine
-            nursery.cancel_scope.cancel()
     finally:
         store.close()
 
@@ -82,38 +81,31 @@ async def test_a_burst_larger_than_a_round_all_wakes(store_location):
             step.sleep("nap", "1 hour")
             return step.do("after", lambda: event.instance_id)
 
-    store = store_location.open()
-    engine = Engine(store, InProcessRunner({T: LongNap}), clock=WallClock(), max_concurrency=50)
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(engine.run)
-            created = await engine.create_many(T, [(None, None) for _ in range(n)])
-            ids = [item[0] for item in created if isinstance(item, tuple)]
-            assert len(ids) == n
-            with trio.fail_after(90):
-                while (await engine.count_by_status(T)).get("waiting", 0) < n:
-                    await trio.sleep(0.05)
-            keys = [(await engine.get(T, iid)).record.key for iid in ids]
-            due = time.time() + 1.0
+    async with wall_engine(store_location, LongNap, max_concurrency=50) as engine:
+        created = await engine.create_many(T, [(None, None) for _ in range(n)])
+        ids = [item[0] for item in created if isinstance(item, tuple)]
+        assert len(ids) == n
+        with trio.fail_after(90):
+            while (await engine.count_by_status(T)).get("waiting", 0) < n:
+                await trio.sleep(0.05)
+        keys = [(await engine.get(T, iid)).record.key for iid in ids]
+        due = time.time() + 1.0
 
-            def move_timers(txn):
-                for key in keys:
-                    record = txn.get_instance_by_key(key)
-                    txn.shift_step_wakes(key, due - record.wake_at)
-                    txn.update_instance(key, record.updated_at, wake_at=due)
+        def move_timers(txn):
+            for key in keys:
+                record = txn.get_instance_by_key(key)
+                txn.shift_step_wakes(key, due - record.wake_at)
+                txn.update_instance(key, record.updated_at, wake_at=due)
 
-            await engine.writer.submit(move_timers)
-            engine.kick_timers(due)
-            with trio.move_on_after(90):
-                while (await engine.count_by_status(T)).get("complete", 0) < n:
-                    await trio.sleep(0.05)
-            assert await engine.count_by_status(T) == {"complete": n}
-            for iid in ids[:: n // 10]:
-                nap = await sleep_step(engine, iid)
-                assert due <= nap.ended_at
-            nursery.cancel_scope.cancel()
-    finally:
-        store.close()
+        await engine.writer.submit(move_timers)
+        engine.kick_timers(due)
+        with trio.move_on_after(90):
+            while (await engine.count_by_status(T)).get("complete", 0) < n:
+                await trio.sleep(0.05)
+        assert await engine.count_by_status(T) == {"complete": n}
+        for iid in ids[:: n // 10]:
+            nap = await sleep_step(engine, iid)
+            assert due <= nap.ended_at
 
 
 async def test_a_timer_fires_while_the_event_loop_is_blocked(store_location):
