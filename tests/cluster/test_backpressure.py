@@ -21,6 +21,7 @@ import pytest
 import trio
 from psycopg import sql as pgsql
 
+from runtime._engine import _API_READERS as READERS
 from runtime._http import serve_http
 from runtime._supervisor import Supervisor, SupervisorConfig, open_supervisor
 
@@ -117,3 +118,38 @@ async def test_a_stalled_database_gets_503_and_everything_accepted_completes(
         assert len(listed) == 3  # the refused create left nothing behind
         metrics = (await client.get("/metrics")).text
         assert "tenantflow_busy_refusals_total" in metrics
+
+
+async def test_reads_beyond_the_bound_get_503_while_the_database_stalls(
+    tmp_path: Path, schema: str
+) -> None:
+    """Reads stuck behind the lock hold their slots; the one beyond them is refused after
+    --max-write-lag instead of queuing without bound; all answer once the lock goes."""
+    async with served(tmp_path, schema) as (supervisor, client):
+        iid = (await client.post(f"/v1/tenants/{T}/instances", json={"params": 0})).json()["id"]
+        with trio.fail_after(WAIT):
+            await supervisor.engine.wait_for_status(T, iid, ["complete"])
+        locker = psycopg.connect(URL, autocommit=False)  # type: ignore[arg-type]
+        try:
+            locker.execute(pgsql.SQL("SET search_path TO {}").format(pgsql.Identifier(schema)))
+            locker.execute("LOCK TABLE instances IN ACCESS EXCLUSIVE MODE")
+            answers: list[int] = []
+
+            async def read() -> None:
+                answers.append((await client.get(f"/v1/tenants/{T}/instances/{iid}")).status_code)
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(READERS):
+                    nursery.start_soon(read)  # each holds a read slot, stuck on the lock
+                with trio.fail_after(WAIT):
+                    while supervisor.engine._api_readers.borrowed_tokens < READERS:
+                        await trio.sleep(0.02)
+                refused = await client.get(f"/v1/tenants/{T}/instances/{iid}")
+                assert refused.status_code == 503
+                assert refused.json()["error"]["code"] == "storage.busy"
+                assert "retry-after" in refused.headers
+                assert (await client.get("/healthz")).status_code == 200
+                locker.rollback()
+            assert answers == [200] * READERS
+        finally:
+            locker.close()
