@@ -13,6 +13,7 @@ again here, and a violation is handled like a crash of the sandbox.
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -500,7 +501,7 @@ class ActivationDriver:
             )
             txn.announce(Notice.CHANGED, key)
 
-        await self._submit_fenced(unit)
+        await self._submit_fenced(unit, status)
 
     async def suspend(self) -> None:
         """Park the instance: paused, waiting for its earliest timer, or queued again."""
@@ -526,7 +527,7 @@ class ActivationDriver:
             txn.update_instance(key, now, token=token, status=InstanceStatus.WAITING, wake_at=wake)
             return InstanceStatus.WAITING, wake
 
-        result = await self._submit_fenced(unit)
+        result = await self._submit_fenced(unit, lambda value: value[0])
         if result is not None:
             status, wake = result
             if status is InstanceStatus.QUEUED:
@@ -534,12 +535,17 @@ class ActivationDriver:
             elif wake is not None:
                 self._engine.kick_timers(wake)
 
-    async def _submit_fenced(self, unit: Any) -> Any:
+    async def _submit_fenced(
+        self, unit: Any, status: InstanceStatus | Callable[[Any], InstanceStatus]
+    ) -> Any:
+        """Commit a unit that sets the instance's status (``status``, or a function of
+        the unit's value giving it) and tell its watchers."""
         try:
             value = await self._writer.submit(unit)
         except LeaseLost:
             return None  # terminated or restarted meanwhile: the new owner decides
-        self._engine.notify_change(self._session.key)
+        known = status(value) if callable(status) else status
+        self._engine.notify_change(self._session.key, known)
         return value
 
 

@@ -60,6 +60,12 @@ class FairDispatcher:
         elif self.queued_tenants:
             self.wakeup.set()
 
+    def take_slot(self, tenant_id: str) -> None:
+        """Count a slot taken by ``tenant_id`` (here, or by a create that started its
+        instance at once: it is served all the same, for the round-robin)."""
+        self.running[tenant_id] += 1
+        self._last_served[tenant_id] = next(self._served)
+
     def release(self, tenant_id: str) -> None:
         """A slot of ``tenant_id`` is free again."""
         self.running[tenant_id] -= 1
@@ -94,7 +100,13 @@ class FairDispatcher:
                     missed = await engine.read(lambda txn: txn.queued_tenants(100))
                     self.queued_tenants.update(missed)
 
-    def _room(self, tenant_id: str) -> int:
+    @property
+    def knows_queue(self) -> bool:
+        """The queued tenants were read since the last time we may have missed some."""
+        return not self._reread
+
+    def room(self, tenant_id: str) -> int:
+        """Slots ``tenant_id`` may still take under its own limit."""
         return max(0, self._tenant_limit(tenant_id) - self.running[tenant_id])
 
     async def _round(self) -> int:
@@ -104,7 +116,7 @@ class FairDispatcher:
         free = engine.max_concurrency - engine.running_count
         if free <= 0:
             return 0
-        candidates = [t for t in self.queued_tenants if self._room(t) > 0]
+        candidates = [t for t in self.queued_tenants if self.room(t) > 0]
         if not candidates:
             return 0
         # The tenants that can get a slot this round: fewest running first, then the one
@@ -114,7 +126,7 @@ class FairDispatcher:
             free, candidates, key=lambda t: (self.running[t], self._last_served.get(t, -1))
         )
         busy = engine.busy_keys()
-        wanted = {t: min(free, self._room(t)) + len(busy) for t in chosen}
+        wanted = {t: min(free, self.room(t)) + len(busy) for t in chosen}
         self._kicked.clear()
 
         def read_heads(txn: StoreTxn) -> dict[str, list[tuple[int, int]]]:
@@ -127,11 +139,10 @@ class FairDispatcher:
         heapq.heapify(heap)
         while heap and started < free:
             _, _, tenant_id = heapq.heappop(heap)
-            if self._room(tenant_id) <= 0:
+            if self.room(tenant_id) <= 0:
                 continue
             key = queues[tenant_id].pop(0)
-            self.running[tenant_id] += 1
-            self._last_served[tenant_id] = next(self._served)
+            self.take_slot(tenant_id)
             engine.start_instance(key, tenant_id)
             started += 1
             if queues[tenant_id]:

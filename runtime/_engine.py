@@ -64,7 +64,7 @@ from ._models import (
 )
 from ._notices import NoticeBoard
 from ._runner import Runner, RunnerError, RunTarget
-from ._storage import Notice, Store, StoreTxn
+from ._storage import Notice, Outcome, Store, StoreTxn
 from ._timers import TimerService
 from ._writer import GroupCommitWriter
 from .errors import (
@@ -168,6 +168,16 @@ def check_payload(value: Any, what: str) -> None:
         raise PayloadTooLarge(f"{what} is {size} bytes, more than the limit of {MAX_PAYLOAD_BYTES}")
 
 
+class _Change:
+    """A watch on one instance: set at its next change, with its status when known."""
+
+    __slots__ = ("event", "status")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.status: InstanceStatus | None = None
+
+
 class Engine:
     """Runs tenants' workflow instances durably on a ``Store`` through a ``Runner``."""
 
@@ -212,13 +222,17 @@ class Engine:
         self._current_version = current_version
         self._sessions: dict[int, Session] = {}
         self._claiming: set[int] = set()
+        #: Instances being created already claimed (``_create_running``): slots taken
+        #: before their key is known.
+        self._starting = 0
         self._crashes: dict[int, int] = {}
         self._activation_ids = itertools.count(1)
         self.dispatcher = FairDispatcher(
             self, tenant_concurrency or (lambda tenant_id: max_concurrency)
         )
         self.timers = TimerService(self)
-        self._changed: dict[int, trio.Event] = {}
+        self._changed: dict[int, _Change] = {}
+        self._changes = 0  #: notify_change calls so far (a read can tell it raced one)
         self._logged: dict[int, trio.Event] = {}
         self._nursery: trio.Nursery | None = None
         self.recovered = 0
@@ -368,15 +382,16 @@ class Engine:
         """
         self.draining = True
         with trio.move_on_after(grace):
-            while self._sessions or self._claiming:
+            while self._sessions or self._claiming or self._starting:
                 await self._sessions_changed.wait()
-        return not (self._sessions or self._claiming)
+        return not (self._sessions or self._claiming or self._starting)
 
     def is_idle(self) -> bool:
         """Nothing runs, nothing is queued or being written: only timers remain."""
         return (
             not self._sessions
             and not self._claiming
+            and not self._starting
             and self.writer.idle
             and self.dispatcher.idle
             and self.timers.idle
@@ -386,7 +401,7 @@ class Engine:
     @property
     def running_count(self) -> int:
         """Instances holding a concurrency slot now."""
-        return len(self._sessions) + len(self._claiming)
+        return len(self._sessions) + len(self._claiming) + self._starting
 
     # ------------------------------------------------------------------ notifications
 
@@ -412,11 +427,17 @@ class Engine:
         """Tell the timers a timer changed (due at ``wake_at``; None: look again now)."""
         self.timers.kick(wake_at)
 
-    def notify_change(self, key: int) -> None:
-        """An instance's status or journal changed (wakes its ``wait_for_*`` watchers)."""
-        changed = self._changed.pop(key, None)
-        if changed is not None:
-            changed.set()
+    def notify_change(self, key: int, status: InstanceStatus | None = None) -> None:
+        """An instance's status or journal changed (wakes its ``wait_for_*`` watchers).
+
+        ``status``: its status as of the commit that changed it, when the caller knows
+        it; a watcher waiting for that status then needs no read.
+        """
+        self._changes += 1
+        watch = self._changed.pop(key, None)
+        if watch is not None:
+            watch.status = status
+            watch.event.set()
 
     def notify_log(self, key: int) -> None:
         """An instance's log grew (wakes its log followers)."""
@@ -426,7 +447,13 @@ class Engine:
 
     def change_event(self, key: int) -> trio.Event:
         """An event set at the next change of this instance (take it before reading)."""
-        return self._changed.setdefault(key, trio.Event())
+        return self._watch(key).event
+
+    def _watch(self, key: int) -> _Change:
+        watch = self._changed.get(key)
+        if watch is None:
+            watch = self._changed[key] = _Change()
+        return watch
 
     def log_event(self, key: int) -> trio.Event:
         """An event set when this instance's log next grows."""
@@ -449,11 +476,73 @@ class Engine:
         check_payload(params, "params")
         self._admit_write()
         now = self.clock.now()
-        await self.writer.submit(
-            _insert_unit(tenant_id, iid, code_version, params, now, workflow_name)
-        )
-        self.kick_dispatch(tenant_id)
+        if self._may_start_at_once(tenant_id):
+            await self._create_running(tenant_id, iid, code_version, params, now, workflow_name)
+        else:
+            await self.writer.submit(
+                _insert_unit(tenant_id, iid, code_version, params, now, workflow_name)
+            )
+            self.kick_dispatch(tenant_id)
+        # The status it was accepted with (SPEC: "persisted as queued"), even when it was
+        # claimed in the same commit and is running by now.
         return iid, InstanceStatus.QUEUED
+
+    def _may_start_at_once(self, tenant_id: str) -> bool:
+        """A new instance may skip the queue: a slot is free for it, globally and in its
+        tenant, and nothing we know of is queued (which would be owed the slot first)."""
+        dispatcher = self.dispatcher
+        return (
+            self._nursery is not None
+            and not self.draining
+            and dispatcher.knows_queue
+            and not dispatcher.queued_tenants
+            and self.running_count < self.max_concurrency
+            and dispatcher.room(tenant_id) > 0
+        )
+
+    async def _create_running(
+        self,
+        tenant_id: str,
+        instance_id: str,
+        code_version: str,
+        params: Any,
+        now: float,
+        workflow_name: str,
+    ) -> None:
+        """Insert an instance already claimed by us and start it: one commit instead of
+        three (insert, the dispatcher's read, the claim) and no trip through the queue.
+
+        The slot is reserved before the commit and handed over in the writer task right
+        after it (``then``): a caller cancelled meanwhile cannot strand a running
+        instance, and a lease renewal never sees it held with no activation.
+        """
+        self.dispatcher.take_slot(tenant_id)
+        self._starting += 1
+        owner = self.owner if self.store.shared else None
+        lease = self.lease_seconds if self.store.shared else None
+
+        def unit(txn: StoreTxn) -> InstanceRecord | None:
+            key = txn.insert_instance(
+                tenant_id, instance_id, workflow_name, code_version, params, now
+            )
+            record = txn.claim_queued(key, now, owner, lease)
+            if record is None:  # not expected (the row is ours): leave it to the queue
+                txn.announce(Notice.QUEUED, tenant_id)
+            return record
+
+        def then(outcome: Outcome) -> None:
+            self._starting -= 1
+            record = outcome.value
+            if outcome.error is not None or record is None or self._nursery is None:
+                self._sessions_did_change()
+                self.dispatcher.release(tenant_id)
+                if outcome.error is None:
+                    self.kick_dispatch(tenant_id)
+                return
+            session = self._open_session(record)
+            self._nursery.start_soon(self._run_session, session, record, [])
+
+        await self.writer.submit(unit, then)
 
     async def create_many(
         self, tenant_id: str, items: Iterable[tuple[str | None, Any]], *, code_version: str = ""
@@ -700,16 +789,34 @@ class Engine:
     ) -> InstanceStatus:
         """Return once the instance is in one of ``statuses`` (no timeout: wrap it in one)."""
         wanted = {InstanceStatus(s) for s in statuses}
-        key = (await self._get_record(tenant_id, instance_id)).key
+        changes = self._changes
+        record = await self._get_record(tenant_id, instance_id)
+        key = record.key
+        status: InstanceStatus | None = record.status
+        if status in wanted:
+            return record.status
+        watch = self._watch(key)
+        reread = self._changes != changes  # it may have changed while we read it
+
+        def read_status(txn: StoreTxn) -> InstanceStatus | None:
+            return txn.get_status(key)
+
         while True:
-            changed = self.change_event(key)
-            status = await self._read(lambda txn: txn.get_status(key))
-            if status in wanted:
-                assert status is not None
-                return status
-            if status is None:
-                raise InstanceNotFound(tenant_id, instance_id)
-            await changed.wait()
+            if reread:
+                status = await self._read(read_status)
+                if status in wanted:
+                    assert status is not None
+                    return status
+                if status is None:
+                    raise InstanceNotFound(tenant_id, instance_id)
+            await watch.event.wait()
+            if watch.status in wanted:
+                # Committed with that status after we started waiting: no read needed.
+                # (Any other status is read again: a later change may have been missed
+                # between that notification and the next watch.)
+                assert watch.status is not None
+                return watch.status
+            watch, reread = self._watch(key), True
 
     async def put_code_version(self, tenant_id: str, version: str, files: bytes) -> None:
         """Store a tenant's code version (content-addressed; idempotent)."""
@@ -842,13 +949,29 @@ class Engine:
             self.dispatcher.release(tenant_id)
             return
         record, steps = claimed
+        await self._run_session(self._open_session(record), record, steps)
+
+    def _sessions_did_change(self) -> None:
+        """Wake ``drain``: an activation (or a reserved start) ended."""
+        ended, self._sessions_changed = self._sessions_changed, trio.Event()
+        ended.set()
+
+    def _open_session(self, record: InstanceRecord) -> Session:
+        """Register the activation of a claimed instance (its slot is already counted)."""
+        key = record.key
         session = Session(
             key, record.tenant_id, record.instance_id, record.run_token, next(self._activation_ids)
         )
         self._sessions[key] = session
         self._claiming.discard(key)
         self.stats.activations += 1
-        self.notify_change(key)
+        self.notify_change(key, InstanceStatus.RUNNING)
+        return session
+
+    async def _run_session(
+        self, session: Session, record: InstanceRecord, steps: list[StepRecord]
+    ) -> None:
+        key, tenant_id = session.key, session.tenant_id
         try:
             await self._drive(session, record, steps)
         except StorageError as exc:
@@ -862,8 +985,7 @@ class Engine:
             )
         finally:
             del self._sessions[key]
-            ended, self._sessions_changed = self._sessions_changed, trio.Event()
-            ended.set()
+            self._sessions_did_change()
             self.dispatcher.release(tenant_id)
             self.notify_change(key)
 

@@ -38,11 +38,12 @@ AlarmReport = Callable[[Outcome], None]
 class _Slot:
     """Where one waiting caller receives its unit's outcome."""
 
-    __slots__ = ("done", "outcome")
+    __slots__ = ("done", "outcome", "then")
 
-    def __init__(self) -> None:
+    def __init__(self, then: Callable[[Outcome], None] | None = None) -> None:
         self.done = trio.Event()
         self.outcome = Outcome()
+        self.then = then
 
 
 class GroupCommitWriter:
@@ -84,9 +85,16 @@ class GroupCommitWriter:
         since = [t for t in (self._queued_since, self._commit_since) if t is not None]
         return now - min(since) if since else 0.0
 
-    async def submit(self, unit: Callable[[StoreTxn], T]) -> T:
-        """Run ``unit`` in the next commit and return its value (or raise its error)."""
-        slot = _Slot()
+    async def submit(
+        self, unit: Callable[[StoreTxn], T], then: Callable[[Outcome], None] | None = None
+    ) -> T:
+        """Run ``unit`` in the next commit and return its value (or raise its error).
+
+        ``then`` gets the unit's outcome in the writer task as soon as the commit ends,
+        before any waiting task runs and whether or not the caller is still waiting
+        (cancelled): for bookkeeping that must follow the commit without a gap.
+        """
+        slot = _Slot(then)
         self._enqueue(unit, slot)
         await slot.done.wait()
         if slot.outcome.error is not None:
@@ -135,6 +143,8 @@ class GroupCommitWriter:
                     if isinstance(slot, _Slot):
                         slot.outcome = outcome
                         slot.done.set()
+                        if slot.then is not None:
+                            slot.then(outcome)
                     elif slot is not None and outcome.error is None:
                         slot()
         finally:

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from runtime import Engine, InProcessRunner
 from runtime._storage_postgres import PostgresStore
@@ -151,3 +152,36 @@ async def test_a_timer_set_by_a_gone_supervisor_fires_on_another(schema: str) ->
             while (await b.status(T, iid)) != "complete":
                 await trio.sleep(0.05)
         assert (await b.get(T, iid)).record.output == "woke"
+
+
+async def test_a_lease_renewal_sharing_the_commit_of_a_start_at_once_keeps_it(
+    schema: str,
+) -> None:
+    """A create with a free slot claims its instance in its own commit. A renewal that
+    commits right after it, in the same batch, sees the lease held: the activation must
+    already count as ours then, or it is released as an orphan (requeued with a new
+    token) and claimed a second time."""
+    started: list[str] = []
+
+    class Quick(WorkflowEntrypoint):
+        def run(self, event: Any, step: Any) -> str:
+            started.append(event.instance_id)
+            return str(step.do("work", lambda: "done"))
+
+    async with supervisor(schema, InProcessRunner({T: Quick}), "sup-a", 30.0) as engine:
+        hold = threading.Event()
+        # Park the commit thread so the create and the renewal queue into one batch.
+        engine.writer.submit_nowait(lambda txn: hold.wait(10))
+        await trio.testing.wait_all_tasks_blocked()  # the parking commit is in flight
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: engine.create(T, instance_id="renewed"))
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(engine.renew_leases)
+            await trio.testing.wait_all_tasks_blocked()
+            assert engine.writer.backlog == 2  # the create's unit, then the renewal's
+            hold.set()
+        with trio.fail_after(10):
+            assert await engine.wait_for_status(T, "renewed", ["complete"]) == "complete"
+        assert (await engine.get(T, "renewed")).record.run_token == 1  # claimed once
+        assert engine.stats.activations == 1
+        assert started == ["renewed"]
