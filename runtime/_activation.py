@@ -354,8 +354,7 @@ class ActivationDriver:
             )
 
         def unit(txn: StoreTxn) -> bool:
-            txn.put_step(key, token, step)
-            return txn.get_status(key) is InstanceStatus.WAITING_FOR_PAUSE
+            return txn.record_step(key, token, step) is InstanceStatus.WAITING_FOR_PAUSE
 
         pause = await self._writer.submit(unit)
         self.progress += 1

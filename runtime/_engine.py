@@ -522,10 +522,9 @@ class Engine:
         lease = self.lease_seconds if self.store.shared else None
 
         def unit(txn: StoreTxn) -> InstanceRecord | None:
-            key = txn.insert_instance(
-                tenant_id, instance_id, workflow_name, code_version, params, now
+            record = txn.insert_claimed(
+                tenant_id, instance_id, workflow_name, code_version, params, now, owner, lease
             )
-            record = txn.claim_queued(key, now, owner, lease)
             if record is None:  # not expected (the row is ours): leave it to the queue
                 txn.announce(Notice.QUEUED, tenant_id)
             return record

@@ -137,6 +137,22 @@ class StoreTxn(ABC):
         differ), by this machine's wall clock on SQLite.
         """
 
+    def insert_claimed(
+        self,
+        tenant_id: str,
+        instance_id: str,
+        workflow_name: str,
+        code_version: str,
+        params: Any,
+        now: float,
+        owner: str | None = None,
+        lease_seconds: float | None = None,
+    ) -> InstanceRecord | None:
+        """``insert_instance`` then ``claim_queued``: a new instance, already ``running``
+        under its first token (a backend may do it in one statement)."""
+        key = self.insert_instance(tenant_id, instance_id, workflow_name, code_version, params, now)
+        return self.claim_queued(key, now, owner, lease_seconds)
+
     @abstractmethod
     def queued_keys(self, limit: int) -> list[int]:
         """Queued instances in dispatch order: woken before new, then oldest first."""
@@ -205,6 +221,12 @@ class StoreTxn(ABC):
     @abstractmethod
     def put_step(self, key: int, token: int | None, step: StepRecord) -> None:
         """Insert or replace a journal row; fenced by ``token`` (LeaseLost when stale)."""
+
+    def record_step(self, key: int, token: int | None, step: StepRecord) -> InstanceStatus | None:
+        """``put_step`` then ``get_status`` (read after every recorded step: a pause may
+        be waiting for it); a backend may do both in one statement."""
+        self.put_step(key, token, step)
+        return self.get_status(key)
 
     @abstractmethod
     def delete_steps(self, key: int) -> None:

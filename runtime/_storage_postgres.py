@@ -198,6 +198,17 @@ _PUT_STEP_FENCED: Final = (
     " %s::integer, %s::double precision, %s::double precision, %s::bytea, %s::text,"
     " %s::text, %s::double precision, %s::text FROM fence" + _STEP_UPSERT
 )
+# The same, returning the instance's status (a pause may be waiting for this step): the
+# data-modifying CTE runs whether or not the outer query reads it.
+_RECORD_STEP_FENCED: Final = (
+    "WITH fence AS (SELECT key, status FROM instances WHERE key = %s AND run_token = %s"
+    " FOR NO KEY UPDATE), put AS ("
+    + _STEP_INSERT
+    + " SELECT fence.key, %s::integer, %s::text, %s::integer, %s::text, %s::text,"
+    " %s::integer, %s::double precision, %s::double precision, %s::bytea, %s::text,"
+    " %s::text, %s::double precision, %s::text FROM fence" + _STEP_UPSERT + ")"
+    " SELECT status FROM fence"
+)
 _PUT_STEP: Final = (
     _STEP_INSERT + " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)" + _STEP_UPSERT
 )
@@ -212,6 +223,25 @@ _SEARCH_PATH_OPTION: Final = re.compile(r"(?:-c\s*|--)search_path=(\S+)")
 def _text(value: str) -> str:
     """Free text for a TEXT column, which cannot hold NUL: NUL becomes U+FFFD."""
     return value.replace("\x00", "\ufffd") if "\x00" in value else value
+
+
+def _step_values(step: StepRecord) -> tuple[Any, ...]:
+    """A journal row's columns after ``key`` (and the fencing token), in _STEP_INSERT order."""
+    return (
+        step.seq,
+        step.name,
+        step.count,
+        step.kind.value,
+        step.status.value,
+        step.attempts,
+        step.started_at,
+        step.ended_at,
+        None if step.output is None else _pack(step.output),
+        _text(step.error.name) if step.error else None,
+        _text(step.error.message) if step.error else None,
+        step.wake_at,
+        step.event_type,
+    )
 
 
 def _schema_from_url(url: str) -> str | None:
@@ -334,6 +364,43 @@ class PostgresTxn(SqlTxn):
         result: int = row[0]
         return result
 
+    def insert_claimed(
+        self,
+        tenant_id: str,
+        instance_id: str,
+        workflow_name: str,
+        code_version: str,
+        params: Any,
+        now: float,
+        owner: str | None = None,
+        lease_seconds: float | None = None,
+    ) -> InstanceRecord | None:
+        # One statement: inserted running under token 1 (what claim_queued would make of
+        # a new row's 0), leased by the database's clock.
+        row = self._c.execute(
+            "INSERT INTO instances (tenant_id, instance_id, workflow_name, code_version,"
+            " status, params, created_at, updated_at, ready_at, priority, run_token, owner,"
+            " lease_expires_at)"
+            " VALUES (%s, %s, %s, %s, 'running', %s, %s, %s, %s, 1, 1, %s,"
+            f" {_DB_NOW} + %s::double precision)"
+            f" ON CONFLICT (tenant_id, instance_id) DO NOTHING RETURNING {_INSTANCE_COLUMNS}",
+            (
+                tenant_id,
+                instance_id,
+                workflow_name,
+                code_version,
+                _pack(params),
+                now,
+                now,
+                now,
+                owner,
+                lease_seconds,
+            ),
+        ).fetchone()
+        if row is None:
+            raise InstanceAlreadyExists(tenant_id, instance_id)
+        return _instance(row)
+
     def claim_queued(
         self, key: int, now: float, owner: str | None = None, lease_seconds: float | None = None
     ) -> InstanceRecord | None:
@@ -413,26 +480,20 @@ class PostgresTxn(SqlTxn):
         return {r[0]: r[1] for r in cur.fetchall()}
 
     def put_step(self, key: int, token: int | None, step: StepRecord) -> None:
-        values = (
-            step.seq,
-            step.name,
-            step.count,
-            step.kind.value,
-            step.status.value,
-            step.attempts,
-            step.started_at,
-            step.ended_at,
-            None if step.output is None else _pack(step.output),
-            _text(step.error.name) if step.error else None,
-            _text(step.error.message) if step.error else None,
-            step.wake_at,
-            step.event_type,
-        )
+        values = _step_values(step)
         if token is None:
             self._c.execute(_PUT_STEP, (key, *values))
             return
         if self._c.execute(_PUT_STEP_FENCED, (key, token, *values)).rowcount == 0:
             raise LeaseLost(f"instance {key} is no longer held with token {token}")
+
+    def record_step(self, key: int, token: int | None, step: StepRecord) -> InstanceStatus | None:
+        if token is None:
+            return super().record_step(key, token, step)
+        row = self._c.execute(_RECORD_STEP_FENCED, (key, token, *_step_values(step))).fetchone()
+        if row is None:
+            raise LeaseLost(f"instance {key} is no longer held with token {token}")
+        return InstanceStatus(row[0])
 
     def shift_step_wakes(self, key: int, delta: float) -> None:
         self._c.execute(

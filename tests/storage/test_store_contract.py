@@ -164,6 +164,24 @@ def test_claim_queued_takes_a_queued_instance_once(store: Store) -> None:
     assert w(store, lambda t: t.claim_queued(paused, 4.0)) is None
 
 
+def test_insert_claimed_is_a_new_running_instance_under_its_first_lease(
+    store: Store, store_location: Any
+) -> None:
+    record = w(store, lambda t: t.insert_claimed(T, "i1", "Wf", "v1", {"n": 1}, 3.0, "sup-1", 30.0))
+    assert record.status is S.RUNNING and record.run_token == 1
+    assert (record.instance_id, record.workflow_name, record.code_version) == ("i1", "Wf", "v1")
+    assert record.params == {"n": 1} and record.created_at == record.updated_at == 3.0
+    assert r(store, lambda t: t.get_instance(T, "i1")) == record
+    # the same as a claim: leased to its owner, renewed with the others, never queued
+    assert w(store, lambda t: t.renew_leases("sup-1", 60.0)) == [(record.key, 1)]
+    assert r(store, lambda t: t.queued_keys(10)) == []
+    assert w(store, lambda t: t.claim_queued(record.key, 4.0)) is None
+    with pytest.raises(InstanceAlreadyExists):
+        w(store, lambda t: t.insert_claimed(T, "i1", "Wf", "v1", None, 4.0, "sup-2", 30.0))
+    (owner,) = store_location.sql(f"SELECT owner FROM instances WHERE key = {record.key}")[0]
+    assert owner == "sup-1"
+
+
 # ---------------------------------------------------------------------------- scheduling
 
 
@@ -407,6 +425,24 @@ def test_put_step_with_a_stale_token_is_lease_lost_and_writes_nothing(store: Sto
     assert [s.seq for s in r(store, lambda t: t.load_steps(key))] == [0, 1]
     with pytest.raises(LeaseLost):
         w(store, lambda t: t.put_step(key + 1000, 1, step(0)))
+
+
+def test_record_step_puts_the_step_and_reads_the_status_fenced(store: Store) -> None:
+    key = new(store, "i1")
+    token = claim(store, key)
+    assert w(store, lambda t: t.record_step(key, token, step(0))) is S.RUNNING
+    set_status(store, key, S.WAITING_FOR_PAUSE)  # a pause asked meanwhile: seen at once
+    assert w(store, lambda t: t.record_step(key, token, step(1))) is S.WAITING_FOR_PAUSE
+    assert [s.seq for s in r(store, lambda t: t.load_steps(key))] == [0, 1]
+    w(store, lambda t: t.update_instance(key, 3.0, new_token=True))  # terminate/restart
+    with pytest.raises(LeaseLost):
+        w(store, lambda t: t.record_step(key, token, step(2)))
+    with pytest.raises(LeaseLost):
+        w(store, lambda t: t.record_step(key, token, step(0, StepStatus.ERRORED)))
+    assert r(store, lambda t: t.load_steps(key)) == [step(0), step(1)]
+    assert w(store, lambda t: t.record_step(key, None, step(2))) is S.WAITING_FOR_PAUSE
+    with pytest.raises(LeaseLost):
+        w(store, lambda t: t.record_step(key + 1000, 1, step(0)))
 
 
 def test_load_steps_in_call_order_and_delete_steps(store: Store) -> None:
