@@ -135,7 +135,7 @@ class ActivationDriver:
         self.progress = 0  #: steps recorded by this activation
         self.silent = False  #: stopped answering outside any step (set by the watchdog)
         self._last_heard = self._clock.now()
-        self._watching: tuple[float, _Attempt] | None = None
+        self._watch_until = float("inf")  #: when the watchdog wakes next
         self._watch_scope: trio.CancelScope | None = None
 
     async def converse(self, channel: ActivationChannel) -> Command | None:
@@ -212,36 +212,42 @@ class ActivationDriver:
         self._rearm_watchdog(attempt.deadline)
 
     def _rearm_watchdog(self, deadline: float) -> None:
-        if self._watch_scope is not None and (
-            self._watching is None or deadline < self._watching[0]
-        ):
+        # Only a deadline earlier than the watchdog's wake-up needs it re-armed (a cancel
+        # costs a trip through trio's cancellation machinery): one that is later is
+        # found when it wakes, since it always looks at what is in flight then.
+        if self._watch_scope is not None and deadline < self._watch_until:
             self._watch_scope.cancel()
 
     async def _watchdog(self) -> None:
         """One task per activation enforces every attempt's timeout (no task per step),
         and a deadline between steps: code outside a step must reach its next step, or
-        its end, within ``SILENCE_SECONDS`` of its last command."""
+        its end, within ``SILENCE_SECONDS`` of its last command.
+
+        While a step runs it looks up at least every ``SILENCE_SECONDS``, so it needs
+        re-arming (a cancel) only for an attempt due sooner than that: a step that ends
+        and is followed by silence is caught within two silences at most.
+        """
         while True:
             inflight = self._session.inflight
             attempt = min(inflight.values(), key=lambda a: a.deadline) if inflight else None
             if attempt is not None:
-                self._watching = (attempt.deadline, attempt)
-                target = attempt.deadline
+                target = min(attempt.deadline, self._clock.now() + SILENCE_SECONDS)
             else:
-                self._watching = None
                 target = self._last_heard + SILENCE_SECONDS
+            self._watch_until = target
             with trio.CancelScope() as scope:
                 self._watch_scope = scope
                 await self._clock.sleep_until(target)
             self._watch_scope = None
             if scope.cancelled_caught:
-                continue  # re-armed: an attempt started, or one with an earlier deadline
-            if attempt is not None:
-                if inflight.get(attempt.seq) is attempt:
+                continue  # re-armed: an attempt due sooner started
+            now = self._clock.now()
+            if attempt is not None and inflight.get(attempt.seq) is attempt:
+                if attempt.deadline <= now:
                     await self._expire(attempt)
                     return
-                continue  # it finished in time
-            if self._session.inflight or self._last_heard + SILENCE_SECONDS > self._clock.now():
+                continue  # still running in time
+            if self._session.inflight or self._last_heard + SILENCE_SECONDS > now:
                 continue
             await self._silence()
             return

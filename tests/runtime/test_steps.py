@@ -6,6 +6,7 @@ import datetime as dt
 import threading
 
 import trio
+import trio.testing
 
 from runtime import InstanceStatus
 from sandbox.sdk import NonRetryableError, StepError, WorkflowEntrypoint, log
@@ -511,3 +512,50 @@ async def test_logs_written_inside_steps_appear_in_read_logs(env):
     # read_logs pages after an id
     later = await env.engine.read_logs(T, view.record.instance_id, after_id=ids[0])
     assert [line.id for line in later] == ids[1:]
+
+
+# ---------------------------------------------------------------------------- watchdog
+
+
+async def test_code_stuck_between_steps_is_stopped_after_the_silence(manual_env):
+    """Code outside any step must reach its next step (or its end) within SILENCE_SECONDS
+    of its last command, even right after a step that had a long timeout: it is stopped
+    and the activation counts as a crash outside a step (retried later, not lost)."""
+    from runtime._activation import SILENCE_SECONDS
+
+    in_step, step_done, stuck, release = (threading.Event() for _ in range(4))
+
+    def first():
+        in_step.set()
+        return step_done.wait(30)
+
+    class Stuck(WorkflowEntrypoint):
+        def run(self, event, step):
+            step.do("first", first, timeout="1 hour")
+            if not release.is_set():
+                stuck.set()
+                release.wait(30)  # outside any step, saying nothing
+            return "done"
+
+    manual_env.runner.register(T, Stuck)
+    engine, clock = manual_env.engine, manual_env.clock
+    iid, _ = await engine.create(T)
+    assert await trio.to_thread.run_sync(in_step.wait, 30)
+    await trio.testing.wait_all_tasks_blocked()  # the watchdog watches the 1-hour attempt
+    step_done.set()
+    assert await trio.to_thread.run_sync(stuck.wait, 30)
+    await trio.testing.wait_all_tasks_blocked()
+    clock.advance(SILENCE_SECONDS - 1)
+    await trio.testing.wait_all_tasks_blocked()
+    assert (await engine.get(T, iid)).record.status == "running"  # not yet
+    for _ in range(2):  # within two silences whatever the watchdog was waiting for
+        clock.advance(SILENCE_SECONDS)
+        await trio.testing.wait_all_tasks_blocked()
+    with trio.fail_after(10):
+        await engine.wait_for_status(T, iid, ["waiting"])  # parked, to be retried
+    lines = [line.message for line in await engine.read_logs(T, iid)]
+    assert any("stopped answering" in line for line in lines), lines
+    release.set()
+    clock.advance(3600)
+    with trio.fail_after(10):
+        assert await engine.wait_for_status(T, iid, ["complete"]) == "complete"
