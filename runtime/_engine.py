@@ -13,8 +13,8 @@ journal, buffered events and timers are rows. Memory holds only what is running 
 
 On a shared store (PostgreSQL, several supervisors) a fourth task runs::
 
-    leases      renews every lease this supervisor holds (one statement, every
-                lease_seconds / 3); an activation whose instance was taken over is
+    leases      LeaseKeeper (``_leases.py``): renews every lease this supervisor holds
+                every lease_seconds / 3; an activation whose instance was taken over is
                 aborted; instances whose lease expired (their supervisor died or
                 stalled) go back to the queue
 
@@ -54,6 +54,7 @@ from ._activation import ActivationDriver, Session, _with
 from ._clock import Clock, WallClock
 from ._dispatcher import FairDispatcher
 from ._faults import crash_point
+from ._leases import LeaseKeeper, recover_expired_unit
 from ._models import (
     FINISHED_STATUSES,
     InstanceRecord,
@@ -211,8 +212,6 @@ class Engine:
         self.max_write_lag = float(max_write_lag)
         self._api_readers = trio.CapacityLimiter(_API_READERS)
         self.notices: NoticeBoard | None = None
-        #: Activations aborted because their instance's lease was lost (for tests/metrics).
-        self.leases_lost = 0
         self.store = store
         self.runner = runner
         self.clock = clock or WallClock()
@@ -231,6 +230,7 @@ class Engine:
             self, tenant_concurrency or (lambda tenant_id: max_concurrency)
         )
         self.timers = TimerService(self)
+        self.leases = LeaseKeeper(self)
         self._changed: dict[int, _Change] = {}
         self._changes = 0  #: notify_change calls so far (a read can tell it raced one)
         self._logged: dict[int, trio.Event] = {}
@@ -253,9 +253,9 @@ class Engine:
                     self.notices = NoticeBoard(self)
                     nursery.start_soon(self._listen, self.notices)
                 # Others may be running instances right now: take only expired leases.
-                recovered = await self.writer.submit(_recover_expired(now))
+                recovered = await self.writer.submit(recover_expired_unit(now))
                 self.recovered = len(recovered)
-                nursery.start_soon(self._lease_loop)
+                nursery.start_soon(self.leases.run)
             else:
                 # The store is ours alone (SQLite's file lock): whatever runs is a leftover.
                 self.recovered = await self.writer.submit(lambda txn: txn.recover_running(now))
@@ -270,108 +270,26 @@ class Engine:
         finally:
             stop()
 
-    async def _lease_loop(self) -> None:
-        """Renew our leases, abort what we lost, requeue what others lost (shared store)."""
-        period = self.lease_seconds / 3
-        while True:
-            await trio.sleep(period)
-            try:
-                await self.renew_leases()
-                await self.recover_expired()
-            except StorageError as exc:
-                # The database is unreachable: our writes fail too (and are fenced when it
-                # comes back, if our leases expired meanwhile). Keep trying.
-                log.warning("lease renewal failed: %s", exc)
-
     async def renew_leases(self) -> list[int]:
-        """Renew every lease we hold; abort the activations whose instance we lost."""
-        before = dict(self._sessions)
-        lease, owner = self.lease_seconds, self.owner
-        held = dict(await self.writer.submit(lambda txn: txn.renew_leases(owner, lease)))
-        busy = self.busy_keys()
-        orphans = {key: token for key, token in held.items() if key not in busy}
-        if orphans:
-            await self._release_orphans(orphans)
-        doubtful = [
-            key
-            for key, session in before.items()
-            if held.get(key) != session.token and self._sessions.get(key) is session
-        ]
-        if not doubtful:
-            return []
-
-        def tokens(txn: StoreTxn) -> dict[int, int | None]:
-            records = {key: txn.get_instance_by_key(key) for key in doubtful}
-            return {key: None if r is None else r.run_token for key, r in records.items()}
-
-        # Not renewed: either it left running by its own writes (suspended, finished:
-        # its token is unchanged) or another supervisor re-leased it (token bumped).
-        current = await self._read(tokens)
-        lost = []
-        for key in doubtful:
-            session = self._sessions.get(key)
-            if session is None or session is not before[key] or current[key] == session.token:
-                continue
-            lost.append(key)
-            self.leases_lost += 1
-            log.warning(
-                "lost the lease of %s/%s: another supervisor holds it now; aborting",
-                session.tenant_id,
-                session.instance_id,
-            )
-            await self._stop_activation(key, "lease lost")
-        return lost
-
-    async def _release_orphans(self, orphans: dict[int, int]) -> None:
-        """Leases we hold with no activation behind them (a write whose COMMIT outcome
-        was unknown, an activation that died on a storage error): give them back now
-        rather than renewing them forever. Fenced by the token we hold."""
-        now = self.clock.now()
-
-        def unit(txn: StoreTxn) -> list[tuple[int, str]]:
-            released = []
-            for key, token in orphans.items():
-                record = txn.get_instance_by_key(key)
-                if record is None or record.run_token != token:
-                    continue
-                if record.status is InstanceStatus.RUNNING:
-                    txn.update_instance(
-                        key,
-                        now,
-                        token=token,
-                        status=InstanceStatus.QUEUED,
-                        priority=0,
-                        new_token=True,
-                    )
-                elif record.status is InstanceStatus.WAITING_FOR_PAUSE:
-                    txn.update_instance(
-                        key,
-                        now,
-                        token=token,
-                        status=InstanceStatus.PAUSED,
-                        paused_at=now,
-                        new_token=True,
-                    )
-                else:
-                    continue
-                released.append((key, record.tenant_id))
-                txn.announce(Notice.QUEUED, record.tenant_id)
-            return released
-
-        for key, tenant_id in await self.writer.submit(unit):
-            log.warning("released the lease of instance %s: no activation held it", key)
-            self.notify_change(key)
-            self.kick_dispatch(tenant_id)
+        """Renew every lease we hold now (see ``LeaseKeeper.renew``)."""
+        return await self.leases.renew()
 
     async def recover_expired(self) -> list[tuple[int, str]]:
-        """Requeue instances whose lease expired, and tell the dispatcher."""
-        now = self.clock.now()
-        recovered = await self.writer.submit(_recover_expired(now))
-        for key, tenant_id in recovered:
-            self.recovered += 1
-            self.notify_change(key)
-            self.kick_dispatch(tenant_id)
-        return recovered
+        """Requeue instances whose lease expired now (see ``LeaseKeeper.recover_expired``)."""
+        return await self.leases.recover_expired()
+
+    @property
+    def leases_lost(self) -> int:
+        """Activations aborted because another supervisor took their instance."""
+        return self.leases.lost
+
+    def session(self, key: int) -> Session | None:
+        """The activation running this instance here, if any."""
+        return self._sessions.get(key)
+
+    def sessions(self) -> dict[int, Session]:
+        """A copy of the activations running here, by instance key."""
+        return dict(self._sessions)
 
     async def drain(self, grace: float) -> bool:
         """Start nothing new; let running activations stop at their next step boundary.
@@ -896,7 +814,7 @@ class Engine:
 
         key, status = await self.writer.submit(announced)
         if stop:
-            await self._stop_activation(key, "stopped by the API")
+            await self.abort_activation(key, "stopped by the API")
         self.notify_change(key)
         if status is InstanceStatus.QUEUED:
             self.kick_dispatch(tenant_id)
@@ -906,9 +824,9 @@ class Engine:
     def stop_activation(self, key: int, reason: str) -> None:
         """Abort the instance's activation here, if it has one (its token is stale)."""
         if key in self._sessions and self._nursery is not None:
-            self._nursery.start_soon(self._stop_activation, key, reason)
+            self._nursery.start_soon(self.abort_activation, key, reason)
 
-    async def _stop_activation(self, key: int, reason: str) -> None:
+    async def abort_activation(self, key: int, reason: str) -> None:
         """Stop an activation whose token is stale (terminated, restarted, lease lost)."""
         session = self._sessions.get(key)
         if session is None or session.stopped:
@@ -1126,16 +1044,6 @@ def _insert_unit(
         key = txn.insert_instance(tenant_id, instance_id, workflow_name, code_version, params, now)
         txn.announce(Notice.QUEUED, tenant_id)
         return key
-
-    return unit
-
-
-def _recover_expired(now: float) -> Callable[[StoreTxn], list[tuple[int, str]]]:
-    def unit(txn: StoreTxn) -> list[tuple[int, str]]:
-        recovered = txn.recover_expired(now)
-        for tenant_id in {tenant_id for _, tenant_id in recovered}:
-            txn.announce(Notice.QUEUED, tenant_id)
-        return recovered
 
     return unit
 
