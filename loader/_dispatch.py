@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -40,8 +40,15 @@ async def dispatch_workflow(
 class DynamicWorkflowEntrypoint(Runner):
     """The engine's runner for dynamic instances: dispatches each to its tenant's code."""
 
-    def __init__(self, load_runner: LoadRunner) -> None:
+    def __init__(
+        self, load_runner: LoadRunner, *, warm: Callable[[], Collection[str]] | None = None
+    ) -> None:
         self._load_runner = load_runner
+        self._warm = warm
+
+    def warm_tenants(self) -> Collection[str]:
+        """What ``warm`` says (the sandbox pool behind ``load_runner``), else none."""
+        return () if self._warm is None else self._warm()
 
     @asynccontextmanager
     async def open_activation(
@@ -63,6 +70,11 @@ class DynamicWorkflowEntrypoint(Runner):
             yield channel
 
 
-def create_dynamic_workflow_entrypoint(load_runner: LoadRunner) -> Runner:
-    """The Python counterpart of ``createDynamicWorkflowEntrypoint``."""
-    return DynamicWorkflowEntrypoint(load_runner)
+def create_dynamic_workflow_entrypoint(
+    load_runner: LoadRunner, *, warm: Callable[[], Collection[str]] | None = None
+) -> Runner:
+    """The Python counterpart of ``createDynamicWorkflowEntrypoint``.
+
+    ``warm`` (optional): which tenants have their code loaded now, for the dispatcher
+    (``Runner.warm_tenants``)."""
+    return DynamicWorkflowEntrypoint(load_runner, warm=warm)

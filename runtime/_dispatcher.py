@@ -7,6 +7,16 @@ fewest instances now, ties going round-robin. So a tenant with 100,000 queued
 instances cannot delay another tenant's single one by more than one slot's turn.
 Within a tenant, instances woken from a sleep, an event or a retry go before new ones.
 
+**Warm quanta.** When more tenants have queued work than sandboxes can stay warm, one
+instance per turn would cost one cold start per instance: by the time the turn comes
+back to a tenant, the pool has evicted its sandbox for the others (measured: 9,986
+cold starts for 10,000 instances of 1,000 tenants). So a tenant keeps its place in the
+round-robin for up to ``WARM_QUANTUM`` turns in a row while its sandbox is warm (the
+runner says which are, ``Runner.warm_tenants``): a cold start then serves up to that
+many instances. Running counts still come first, so this only orders tenants that run
+equally many; a tenant waits at most ``WARM_QUANTUM`` turns of each tenant ahead of it.
+With a runner that warms nothing (in-process) turns are plain round-robin.
+
 The cost of a round does not grow with the backlog: only the heads of the few tenants
 that can get a slot are read (one indexed query each), the way DBOS walks queue
 partitions instead of scanning the queue.
@@ -17,7 +27,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING
 
 import trio
@@ -34,6 +44,8 @@ __all__ = ["FairDispatcher"]
 _SAFETY_NET_SECONDS = 5.0
 #: While writes lag (back-pressure), how often to look whether they caught up.
 _CONGESTED_RETRY_SECONDS = 0.1
+#: Turns in a row a tenant with a warm sandbox may take before going to the back.
+WARM_QUANTUM = 8
 
 
 class FairDispatcher:
@@ -47,6 +59,10 @@ class FairDispatcher:
         self._kicked: set[str] = set()  #: tenants queued to while a round was reading
         self._served = itertools.count()
         self._last_served: dict[str, int] = {}
+        #: Per tenant in the middle of a quantum: (its place before the quantum, turns
+        #: taken in it). Its place is kept while its sandbox stays warm.
+        self._quantum: dict[str, tuple[int, int]] = {}
+        self._warm: Collection[str] = ()
         self.wakeup = trio.Event()
         self.idle = False
         self._reread = True  #: read which tenants have queued instances from the database
@@ -64,7 +80,22 @@ class FairDispatcher:
         """Count a slot taken by ``tenant_id`` (here, or by a create that started its
         instance at once: it is served all the same, for the round-robin)."""
         self.running[tenant_id] += 1
+        place, turns = self._quantum.get(tenant_id, (self._last_served.get(tenant_id, -1), 0))
+        if turns + 1 < WARM_QUANTUM:
+            self._quantum[tenant_id] = (place, turns + 1)
+        else:
+            self._quantum.pop(tenant_id, None)
         self._last_served[tenant_id] = next(self._served)
+
+    def _turn(self, tenant_id: str) -> tuple[int, int, int, str]:
+        """Who goes first among queued tenants: fewest running, then longest unserved,
+        counting a warm tenant in the middle of its quantum from before the quantum (and
+        ahead of the others served as long ago: its turn is not over); then by name, so
+        that ties do not depend on a set's order."""
+        quantum = self._quantum.get(tenant_id)
+        if quantum is not None and tenant_id in self._warm:
+            return self.running[tenant_id], quantum[0], 0, tenant_id
+        return self.running[tenant_id], self._last_served.get(tenant_id, -1), 1, tenant_id
 
     def release(self, tenant_id: str) -> None:
         """A slot of ``tenant_id`` is free again."""
@@ -122,9 +153,8 @@ class FairDispatcher:
         # The tenants that can get a slot this round: fewest running first, then the one
         # served longest ago. At most `free` of them can win a slot: a partial selection,
         # O(T log free), not a sort of every queued tenant each round.
-        chosen = heapq.nsmallest(
-            free, candidates, key=lambda t: (self.running[t], self._last_served.get(t, -1))
-        )
+        self._warm = engine.runner.warm_tenants()
+        chosen = heapq.nsmallest(free, candidates, key=self._turn)
         busy = engine.busy_keys()
         wanted = {t: min(free, self.room(t)) + len(busy) for t in chosen}
         self._kicked.clear()
@@ -135,10 +165,10 @@ class FairDispatcher:
         heads = await engine.read(read_heads)
         queues = {t: [key for key, _ in rows if key not in busy] for t, rows in heads.items()}
         started = 0
-        heap = [(self.running[t], self._last_served.get(t, -1), t) for t in queues if queues[t]]
+        heap = [self._turn(t) for t in queues if queues[t]]
         heapq.heapify(heap)
         while heap and started < free:
-            _, _, tenant_id = heapq.heappop(heap)
+            tenant_id = heapq.heappop(heap)[-1]
             if self.room(tenant_id) <= 0:
                 continue
             key = queues[tenant_id].pop(0)
@@ -146,14 +176,15 @@ class FairDispatcher:
             engine.start_instance(key, tenant_id)
             started += 1
             if queues[tenant_id]:
-                heapq.heappush(
-                    heap, (self.running[tenant_id], self._last_served[tenant_id], tenant_id)
-                )
+                heapq.heappush(heap, self._turn(tenant_id))
         for tenant_id, rows in heads.items():
             saw_all = len(rows) < wanted[tenant_id]
             left = queues[tenant_id] or any(key in busy for key, _ in rows)
             if saw_all and not left and tenant_id not in self._kicked:
                 self.queued_tenants.discard(tenant_id)  # nothing queued remains
+                self._quantum.pop(tenant_id, None)  # a quantum ends with its queue
         if len(self._last_served) > 100_000:  # forget tenants long gone
-            self._last_served = {t: self._last_served[t] for t in self.queued_tenants}
+            queued = self.queued_tenants
+            self._last_served = {t: n for t, n in self._last_served.items() if t in queued}
+            self._quantum = {t: q for t, q in self._quantum.items() if t in queued}
         return started

@@ -479,21 +479,13 @@ class Engine:
                 continue
             results.append((iid, InstanceStatus.QUEUED))
             units[index] = _insert_unit(tenant_id, iid, code_version, params, now)
-        outcomes: dict[int, Exception | None] = {}
-
-        async def one(index: int, unit: Callable[[StoreTxn], Any]) -> None:
-            try:
-                await self.writer.submit(unit)
-                outcomes[index] = None
-            except Exception as exc:
-                outcomes[index] = exc
-
-        async with trio.open_nursery() as nursery:
-            for index, unit in units.items():
-                nursery.start_soon(one, index, unit)
-        for index, error in outcomes.items():
-            if error is not None:
-                results[index] = error
+        # In the order given: a batch's instances are queued (and run) in that order.
+        outcomes = await self.writer.submit_all(list(units.values()))
+        for index, outcome in zip(units, outcomes, strict=True):
+            if isinstance(outcome.error, Exception):
+                results[index] = outcome.error
+            elif outcome.error is not None:
+                raise outcome.error
         self.kick_dispatch(tenant_id)
         return results
 

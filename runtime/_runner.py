@@ -10,6 +10,7 @@ which one it drives — the seam Temporal draws with ``WorkflowRunner``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Collection
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
@@ -71,6 +72,12 @@ class Runner(ABC):
         self, target: RunTarget, activation: Activate
     ) -> AbstractAsyncContextManager[ActivationChannel]:
         """Start ``run()`` for ``activation``; closing the context ends it."""
+
+    def warm_tenants(self) -> Collection[str]:
+        """Tenants whose code is loaded and ready to run now (a warm sandbox): the
+        dispatcher lets a tenant it just started there run a few more before the next
+        one (see ``FairDispatcher``). A runner with nothing to warm says none."""
+        return ()
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook with a sensible default
         """Release every resource (processes, threads)."""

@@ -293,7 +293,7 @@ async def open_supervisor(
 
             engine = Engine(
                 store,
-                create_dynamic_workflow_entrypoint(load_runner),
+                create_dynamic_workflow_entrypoint(load_runner, warm=sandboxes.warm_tenants),
                 clock=clock,
                 max_concurrency=config.max_concurrency,
                 lease_seconds=config.lease_seconds,

@@ -102,6 +102,16 @@ class GroupCommitWriter:
         value: T = slot.outcome.value
         return value
 
+    async def submit_all(self, units: list[Unit]) -> list[Outcome]:
+        """Queue ``units`` in this order (the same commit when they fit) and return each
+        one's outcome; one failing does not undo the others."""
+        slots = [_Slot() for _ in units]
+        for unit, slot in zip(units, slots, strict=True):
+            self._enqueue(unit, slot)
+        for slot in slots:
+            await slot.done.wait()
+        return [slot.outcome for slot in slots]
+
     def submit_nowait(self, unit: Unit, on_commit: Callable[[], None] | None = None) -> None:
         """Queue ``unit`` without waiting for its commit (ordered with every other unit).
 

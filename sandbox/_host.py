@@ -598,6 +598,10 @@ class SandboxRunner(Runner):
     def is_warm(self, tenant_id: str) -> bool:
         return any(key[0] == tenant_id for key in self._sandboxes)
 
+    def warm_tenants(self) -> set[str]:
+        """Tenants with a sandbox ready to run an activation now."""
+        return {key[0] for key, s in self._sandboxes.items() if s.state is SandboxState.READY}
+
     async def get_sandbox(self, tenant_id: str, code_version: str) -> Sandbox:
         """The live sandbox of this code version, spawning it if needed."""
         key = (tenant_id, code_version)

@@ -17,11 +17,15 @@ WAIT = 20
 
 @asynccontextmanager
 async def engine_on(
-    tmp_path: Path, *, max_concurrency: int, tenant_limit: Callable[[str], int] | None = None
+    tmp_path: Path,
+    *,
+    max_concurrency: int,
+    tenant_limit: Callable[[str], int] | None = None,
+    runner: InProcessRunner | None = None,
 ) -> AsyncIterator[tuple[Engine, InProcessRunner, MockClock]]:
     store = open_store(str(tmp_path / "engine.db"))
     clock = MockClock()
-    runner = InProcessRunner({})
+    runner = runner or InProcessRunner({})
     engine = Engine(
         store,
         runner,
@@ -96,6 +100,58 @@ async def test_slots_alternate_between_tenants_with_queued_work(tmp_path):
         assert started[:7] == ["a0", "b0", "a1", "b1", "a2", "b2", "a3"]
         for _ in range(10):
             gate.release()
+
+
+class WarmRunner(InProcessRunner):
+    """An in-process runner that says which tenants are warm, as a sandbox pool does."""
+
+    def __init__(self) -> None:
+        super().__init__({})
+        self.warm: set[str] = set()
+
+    def warm_tenants(self) -> set[str]:
+        return self.warm
+
+
+async def turns_taken(tmp_path: Path, queues: dict[str, int], warm: set[str]) -> list[str]:
+    """The order in which queued instances of ``queues`` (tenant -> how many, created in
+    one batch each while ``z0`` holds the only slot) start, with ``warm`` tenants warm."""
+    gate = threading.Semaphore(0)
+    started: list[str] = []
+    runner = WarmRunner()
+    async with engine_on(tmp_path, max_concurrency=1, runner=runner) as (engine, _, _):
+        for tenant in ("z", *queues):
+            runner.register(tenant, gated(gate, started))
+        await engine.create("z", instance_id="z0")
+        await until(lambda: started == ["z0"])
+        runner.warm = warm
+        for tenant, count in queues.items():
+            await engine.create_many(tenant, [(f"{tenant}{i}", None) for i in range(count)])
+        total = 1 + sum(queues.values())
+        for n in range(2, total + 1):
+            gate.release()
+            await until(lambda n=n: len(started) >= n)
+        gate.release()
+    return started
+
+
+async def test_a_warm_tenant_takes_a_quantum_of_turns_in_a_row(tmp_path):
+    """With more tenants queued than sandboxes stay warm, one instance per turn costs a
+    cold start per instance. A tenant whose sandbox is warm keeps its place for up to
+    WARM_QUANTUM turns; then the next tenant's turn comes, as round-robin."""
+    from runtime._dispatcher import WARM_QUANTUM
+
+    started = await turns_taken(tmp_path, {"a": WARM_QUANTUM + 2, "b": 2}, warm={"a", "b"})
+    a = [f"a{i}" for i in range(WARM_QUANTUM + 2)]
+    # a's quantum, then b (never served, as long ago as a's place), then a's rest
+    assert started == ["z0", *a[:WARM_QUANTUM], "b0", "b1", *a[WARM_QUANTUM:]]
+
+
+async def test_cold_tenants_alternate_turns_as_round_robin(tmp_path):
+    """The same queues with no warm sandbox (or a runner that warms nothing): one turn
+    each, in turn."""
+    started = await turns_taken(tmp_path, {"a": 3, "b": 3}, warm=set())
+    assert started == ["z0", "a0", "b0", "a1", "b1", "a2", "b2"]
 
 
 async def test_a_tenant_never_holds_more_than_its_own_limit(tmp_path):

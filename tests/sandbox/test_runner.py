@@ -348,14 +348,7 @@ async def test_the_zygote_outlives_the_thread_that_started_it(monkeypatch, tmp_p
         assert psutil.Process(sandbox.pid).ppid() == zygote.pid
 
 
-async def test_max_sandboxes_bounds_the_processes_even_while_they_start(tmp_path):
-    """Many tenants' first activations at once: every spawn sees the room it reserved,
-    so the zygote never has more than max_sandboxes children, starting ones included."""
-    from runtime import Engine, WallClock, open_store
-    from sandbox._host import open_sandbox_runner
-
-    store = open_store(str(tmp_path / "db"))
-    one_step = """
+ONE_STEP = """
 from tenantflow import WorkflowEntrypoint
 
 class TenantWorkflow(WorkflowEntrypoint):
@@ -363,12 +356,21 @@ class TenantWorkflow(WorkflowEntrypoint):
         return step.do("one", lambda: 1)
 """
 
-    async def code(tenant_id, version):
-        return {"main.py": one_step}
 
+async def one_step_code(tenant_id, version):
+    return {"main.py": ONE_STEP}
+
+
+async def test_max_sandboxes_bounds_the_processes_even_while_they_start(tmp_path):
+    """Many tenants' first activations at once: every spawn sees the room it reserved,
+    so the zygote never has more than max_sandboxes children, starting ones included."""
+    from runtime import Engine, WallClock, open_store
+    from sandbox._host import open_sandbox_runner
+
+    store = open_store(str(tmp_path / "db"))
     limit, tenants = 4, [f"t{i}" for i in range(40)]
     peak = 0
-    async with open_sandbox_runner(code, idle_timeout=60, max_sandboxes=limit) as runner:
+    async with open_sandbox_runner(one_step_code, idle_timeout=60, max_sandboxes=limit) as runner:
         zygote = psutil.Process(runner.zygote.pid)
         engine = Engine(store, runner, clock=WallClock())
         async with trio.open_nursery() as nursery:
@@ -428,3 +430,32 @@ async def test_concurrent_first_activations_of_a_tenant_share_one_sandbox(tmp_pa
         with trio.fail_after(30):  # idle: evicted, and its process gone
             while runner.live() or [c for c in zygote.children() if _alive(c)]:
                 await trio.sleep(0.05)
+
+
+async def test_more_tenants_queued_than_sandboxes_cost_a_cold_start_per_tenant(tmp_path):
+    """6 tenants x 5 queued instances, 2 slots, 2 sandboxes: one instance per turn would
+    evict each tenant's sandbox before its next turn (a cold start per instance, 30);
+    warm quanta run a tenant's instances while its sandbox is warm."""
+    from runtime import Engine, WallClock, open_store
+    from sandbox._host import open_sandbox_runner
+
+    store = open_store(str(tmp_path / "db"))
+    tenants, per_tenant = [f"t{i}" for i in range(6)], 5
+    async with open_sandbox_runner(one_step_code, idle_timeout=60, max_sandboxes=2) as runner:
+        engine = Engine(store, runner, clock=WallClock(), max_concurrency=2)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(engine.run)
+            ids = []
+            for tenant in tenants:
+                created = await engine.create_many(
+                    tenant, [(None, None)] * per_tenant, code_version="v"
+                )
+                ids += [(tenant, iid) for iid, _ in created]
+            with trio.fail_after(120):
+                for tenant, iid in ids:
+                    await engine.wait_for_status(tenant, iid, ["complete"])
+            nursery.cancel_scope.cancel()
+    store.close()
+    assert len(ids) == len(tenants) * per_tenant
+    # one per tenant, give or take the few evicted while another finished its quantum
+    assert runner.stats.cold_starts <= 2 * len(tenants), runner.stats.cold_starts  # was 29
