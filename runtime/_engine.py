@@ -582,8 +582,10 @@ class Engine:
     async def resume(self, tenant_id: str, instance_id: str) -> InstanceStatus:
         """Continue a paused instance, shifting its pending timers by the time it was paused."""
         now = self.clock.now()
+        timer: list[float] = []  # the timer it waits for again, if any
 
         def unit(txn: StoreTxn) -> tuple[int, InstanceStatus]:
+            timer.clear()
             record = self._require(txn, tenant_id, instance_id)
             status = record.status
             if status is InstanceStatus.WAITING_FOR_PAUSE:
@@ -609,9 +611,14 @@ class Engine:
             txn.update_instance(
                 record.key, now, status=InstanceStatus.WAITING, paused_at=None, wake_at=wake
             )
+            if wake is not None:
+                timer.append(wake)
             return record.key, InstanceStatus.WAITING
 
-        return await self._admin(tenant_id, unit)
+        status = await self._admin(tenant_id, unit)
+        if timer:
+            self.kick_timers(timer[0])
+        return status
 
     async def terminate(self, tenant_id: str, instance_id: str) -> InstanceStatus:
         """Stop the instance at once; a running activation is aborted."""
@@ -810,7 +817,8 @@ class Engine:
         self.notify_change(key)
         if status is InstanceStatus.QUEUED:
             self.kick_dispatch(tenant_id)
-        self.kick_timers()
+        # No timer round here: these calls only remove timers or move them later (a round
+        # at the old time finds nothing due); resume, which sets one, asks for its own.
         return status
 
     def stop_activation(self, key: int, reason: str) -> None:
