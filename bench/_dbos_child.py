@@ -6,6 +6,7 @@ reads the one line it prints, ``BENCH_RESULT {json}``. It imports nothing from t
 
     python bench/_dbos_child.py --db /tmp/x/dbos.sqlite --count 300 --warmup 10
     python bench/_dbos_child.py --url postgresql://u@host/db --count 300 --warmup 10
+    python bench/_dbos_child.py --url postgresql://u@host/db --count 1000 --callers 20
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import json
 import sqlite3
 import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from typing import Any
 
@@ -29,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--url", help="URL of the system database (PostgreSQL)")
     parser.add_argument("--count", type=int, required=True, help="timed workflows of each kind")
     parser.add_argument("--warmup", type=int, default=10, help="untimed workflows first")
+    parser.add_argument(
+        "--callers", type=int, default=1, help="threads calling workflows concurrently"
+    )
     args = parser.parse_args(argv)
 
     from dbos import DBOS, DBOSConfig
@@ -60,6 +66,25 @@ def main(argv: list[str] | None = None) -> int:
     def no_steps(x: int) -> int:
         return x
 
+    def three_share(caller: int) -> None:
+        for x in range(caller, args.count, args.callers):
+            if three_steps(x) != (x + 1) * 2 - 3:
+                raise SystemExit(f"DBOS returned a wrong result for x={x}")
+
+    def zero_share(caller: int) -> None:
+        for x in range(caller, args.count, args.callers):
+            no_steps(x)
+
+    def timed(share: Callable[[int], None]) -> float:
+        """Each of ``callers`` threads runs its share one workflow after another."""
+        started = time.perf_counter()
+        if args.callers == 1:
+            share(0)
+        else:
+            with ThreadPoolExecutor(args.callers) as pool:
+                list(pool.map(share, range(args.callers)))
+        return time.perf_counter() - started
+
     started = time.perf_counter()
     DBOS.launch()
     launch_seconds = time.perf_counter() - started
@@ -67,15 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         for x in range(args.warmup):
             three_steps(x)
             no_steps(x)
-        started = time.perf_counter()
-        for x in range(args.count):
-            if three_steps(x) != (x + 1) * 2 - 3:
-                raise SystemExit(f"DBOS returned a wrong result for x={x}")
-        three_seconds = time.perf_counter() - started
-        started = time.perf_counter()
-        for x in range(args.count):
-            no_steps(x)
-        zero_seconds = time.perf_counter() - started
+        three_seconds = timed(three_share)
+        zero_seconds = timed(zero_share)
     finally:
         DBOS.destroy()
 
@@ -91,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         "dbos_version": importlib.metadata.version("dbos"),
         "count": args.count,
         "warmup": args.warmup,
+        "callers": args.callers,
         "launch_seconds": launch_seconds,
         "three_step_seconds": three_seconds,
         "zero_step_seconds": zero_seconds,

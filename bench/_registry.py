@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from typing import Final
 
-from . import dbos_bench, engine_bench, postgres_bench, sandbox_bench, scale_bench
+from . import (
+    dbos_bench,
+    dbos_postgres_bench,
+    engine_bench,
+    postgres_bench,
+    sandbox_bench,
+    scale_bench,
+)
 from ._core import Benchmark
 
 __all__ = ["BENCHMARKS"]
@@ -20,7 +27,8 @@ BENCHMARKS: Final[tuple[Benchmark, ...]] = (
     dbos_bench.three_step_workflows,
     postgres_bench.concurrent_steps_per_second,
     postgres_bench.creations_per_second,
-    postgres_bench.three_step_workflows,
+    dbos_postgres_bench.three_step_workflows,
+    dbos_postgres_bench.concurrent_three_step_workflows,
     postgres_bench.cross_supervisor,
     sandbox_bench.cold_start,
     sandbox_bench.memory_per_warm_sandbox,

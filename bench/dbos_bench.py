@@ -56,17 +56,25 @@ class DbosRun:
 
 
 def run_dbos(
-    workdir: Path, count: int, warmup: int, timeout: float, *, database_url: str | None = None
+    workdir: Path,
+    count: int,
+    warmup: int,
+    timeout: float,
+    *,
+    database_url: str | None = None,
+    callers: int = 1,
 ) -> DbosRun:
     """Run the child and parse its result; raise DbosUnavailable on any failure.
 
-    The system database is ``workdir/dbos.sqlite``, or ``database_url`` if given.
+    The system database is ``workdir/dbos.sqlite``, or ``database_url`` if given;
+    ``callers`` threads share the ``count`` workflows (one after another in each).
     """
     if importlib.util.find_spec("dbos") is None:
         raise DbosUnavailable("dbos is not installed (pip install -e '.[bench]')")
     where = ["--url", database_url] if database_url else ["--db", str(workdir / "dbos.sqlite")]
     command = [
         sys.executable, str(CHILD), *where, "--count", str(count), "--warmup", str(warmup),
+        "--callers", str(callers),
     ]  # fmt: skip
     try:
         done = subprocess.run(

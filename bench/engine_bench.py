@@ -60,6 +60,7 @@ __all__ = [
     "running_engine",
     "sequential_step_overhead",
     "sqlite_commit_floor",
+    "three_step_concurrent",
     "three_step_sequential",
 ]
 
@@ -561,6 +562,43 @@ def three_step_sequential(open_engine: EngineOpener, count: int, warmup: int) ->
             expected = (count - 1 + 1) * 2 - 3
             if view.record.output != expected:
                 raise BenchError(f"expected output {expected}, got {view.record.output!r}")
+            return seconds
+
+    return ThreeStepRun(count, warmup, run_engine(body))
+
+
+def three_step_concurrent(
+    open_engine: EngineOpener, count: int, warmup: int, callers: int
+) -> ThreeStepRun:
+    """``callers`` concurrent callers share ``count`` ``ThreeStepWorkflow`` runs, each
+    running its share one after another (create, wait until complete, next), after
+    ``warmup`` sequential untimed ones: the same shape as DBOS's ``--callers`` run."""
+
+    async def body() -> float:
+        factory = functools.partial(ThreeStepWorkflow, ReturnCounter())
+        async with open_engine(factory) as engine:
+            ids: dict[int, str] = {}
+
+            async def one(x: int) -> None:
+                iid, _ = await engine.create(TENANT, params={"x": x})
+                await wait_complete(engine, iid)
+                ids[x] = iid
+
+            async def share(caller: int) -> None:
+                for x in range(caller, count, callers):
+                    await one(x)
+
+            for x in range(warmup):
+                await one(x)
+            start = time.perf_counter()
+            async with trio.open_nursery() as nursery:
+                for caller in range(callers):
+                    nursery.start_soon(share, caller)
+            seconds = time.perf_counter() - start
+            for x in range(max(0, count - callers), count):  # each caller's last, untimed
+                output = (await engine.get(TENANT, ids[x])).record.output
+                if output != (x + 1) * 2 - 3:
+                    raise BenchError(f"expected {(x + 1) * 2 - 3} for x={x}, got {output!r}")
             return seconds
 
     return ThreeStepRun(count, warmup, run_engine(body))

@@ -1,15 +1,13 @@
-"""The engine on PostgreSQL (one and two supervisors), DBOS on PostgreSQL beside it, and
-how fast one supervisor reacts to what was done through another.
+"""The engine on PostgreSQL (one and two supervisors), and how fast one supervisor
+reacts to what was done through another. (DBOS on PostgreSQL beside it: ``dbos_postgres_bench``.)
 
 Every benchmark here runs on the server named by ``TENANTFLOW_TEST_POSTGRES_URL``
 (default ``postgresql://postgres@127.0.0.1:5432/test``), each round in a fresh schema
-``tf_bench_<uuid>`` (``PostgresStore(url, schema=...)``) dropped afterwards; DBOS gets a
-fresh database of its own, dropped afterwards. If the server cannot be reached, every
-row says ``skipped: <reason>``.
+``tf_bench_<uuid>`` (``PostgresStore(url, schema=...)``) dropped afterwards. If the
+server cannot be reached, every row says ``skipped: <reason>``.
 
-The workloads are ``engine_bench``'s (``concurrent_steps_round``, ``creations_round``,
-``three_step_sequential``) run on ``running_pg_engine`` instead of a SQLite file, and
-``dbos_bench.run_dbos`` with a PostgreSQL system database. "Two supervisors" means two
+The workloads are ``engine_bench``'s (``concurrent_steps_round``, ``creations_round``)
+run on ``running_pg_engine`` instead of a SQLite file. "Two supervisors" means two
 OS processes, each running its own ``Engine`` (its own ``owner``, leases) on the same
 schema: the parent starts them (their imports overlap), waits until both are ready,
 releases them together and measures the total itself (steps: polling the schema until
@@ -48,8 +46,7 @@ from runtime import Engine, InProcessRunner, InstanceStatus, WallClock
 from runtime._engine import DEFAULT_LEASE_SECONDS
 from sandbox.sdk import WorkflowEntrypoint
 
-from ._core import BenchContext, Direction, Measurement, benchmark, percentile
-from .dbos_bench import DbosRun, DbosUnavailable, run_dbos
+from ._core import BenchContext, Measurement, benchmark, percentile
 from .engine_bench import (
     TENANT,
     TIME_LIMIT_SECONDS,
@@ -64,17 +61,19 @@ from .engine_bench import (
     creations_round,
     run_creators,
     run_engine,
-    three_step_sequential,
 )
 
 __all__ = [
+    "check_server",
     "concurrent_steps_per_second",
     "creations_per_second",
     "cross_supervisor",
     "fresh_schema",
+    "listing",
+    "pg_opener",
     "postgres_url",
+    "rounds_for",
     "running_pg_engine",
-    "three_step_workflows",
 ]
 
 DEFAULT_URL: Final = "postgresql://postgres@127.0.0.1:5432/test"
@@ -82,8 +81,6 @@ ROOT: Final = Path(__file__).resolve().parent.parent
 STEPS: Final = 10
 CREATORS: Final = 100
 WARMUP: Final = 10
-RATIO_TARGET: Final = 5.0
-DBOS_ROW: Final = "dbos.postgres_three_step_workflows"
 #: A child that has not answered after this long is broken, not slow.
 CHILD_TIMEOUT: Final = 300.0
 #: How often the parent counts complete instances while two supervisors run.
@@ -101,7 +98,7 @@ def postgres_url() -> str:
     return os.environ.get("TENANTFLOW_TEST_POSTGRES_URL") or DEFAULT_URL
 
 
-def _check_server(url: str) -> str:
+def check_server(url: str) -> str:
     """The server's durability settings; raise PostgresUnavailable if it is unreachable."""
     import psycopg
 
@@ -205,7 +202,7 @@ async def running_pg_engine(
         store.close()
 
 
-def _pg_opener(url: str, schema: str) -> EngineOpener:
+def pg_opener(url: str, schema: str) -> EngineOpener:
     """``engine_bench``'s workloads take an ``EngineOpener``: this one opens on ``schema``."""
     return functools.partial(running_pg_engine, url, schema)
 
@@ -385,11 +382,11 @@ def _close(proc: subprocess.Popen[str]) -> None:
 # ---------------------------------------------------------------------- throughput benchmarks
 
 
-def _rounds(ctx: BenchContext) -> int:
+def rounds_for(ctx: BenchContext) -> int:
     return 3 if ctx.full else 1
 
 
-def _listing(values: Sequence[float], decimals: int = 0) -> str:
+def listing(values: Sequence[float], decimals: int = 0) -> str:
     return ", ".join(f"{v:,.{decimals}f}" for v in values)
 
 
@@ -408,11 +405,11 @@ def concurrent_steps_per_second(ctx: BenchContext) -> list[Measurement]:
     """
     name = "postgres.concurrent_steps_per_second"
     instances = ctx.size(100, 1_000)
-    rounds = _rounds(ctx)
+    rounds = rounds_for(ctx)
     url = postgres_url()
     params: dict[str, Any] = {"instances": instances, "steps_per_instance": STEPS, "rounds": rounds}
     try:
-        server = _check_server(url)
+        server = check_server(url)
     except PostgresUnavailable as exc:
         return [
             Measurement.skip(name, str(exc), unit="steps/s", label=label, params=params)
@@ -423,7 +420,7 @@ def concurrent_steps_per_second(ctx: BenchContext) -> list[Measurement]:
     units = commits = 0
     for _ in range(rounds):
         with fresh_schema(url) as schema:
-            run = concurrent_steps_round(_pg_opener(url, schema), instances, STEPS)
+            run = concurrent_steps_round(pg_opener(url, schema), instances, STEPS)
             one.append(instances * STEPS / run.seconds)
             units, commits = units + run.units, commits + run.commits
         with fresh_schema(url) as schema:
@@ -434,7 +431,7 @@ def concurrent_steps_per_second(ctx: BenchContext) -> list[Measurement]:
     return [
         Measurement(
             name, statistics.median(one), "steps/s", "1 supervisor",
-            notes=f"{instances} x {STEPS} steps, in-process runner; rounds {_listing(one)}; "
+            notes=f"{instances} x {STEPS} steps, in-process runner; rounds {listing(one)}; "
             f"{units / commits:.1f} units per commit; {server}",
             params={**params, "supervisors": 1, "rounds_steps_per_second": one,
                     "units_per_commit": units / commits},
@@ -444,7 +441,7 @@ def concurrent_steps_per_second(ctx: BenchContext) -> list[Measurement]:
             notes=(
                 f"two supervisor processes on one schema, {instances // 2} instances each, "
                 f"timed by the parent polling the schema every {POLL_SECONDS * 1000:g} ms; "
-                f"rounds {_listing(two)}"
+                f"rounds {listing(two)}"
             ),
             params={**params, "supervisors": 2, "rounds_steps_per_second": two},
         ),
@@ -465,11 +462,11 @@ def creations_per_second(ctx: BenchContext) -> list[Measurement]:
     """
     name = "postgres.creations_per_second"
     total = ctx.size(1_000, 20_000)
-    rounds = _rounds(ctx)
+    rounds = rounds_for(ctx)
     url = postgres_url()
     params: dict[str, Any] = {"creations": total, "creators": CREATORS, "rounds": rounds}
     try:
-        server = _check_server(url)
+        server = check_server(url)
     except PostgresUnavailable as exc:
         return [
             Measurement.skip(name, str(exc), unit="creations/s", label=label, params=params)
@@ -480,7 +477,7 @@ def creations_per_second(ctx: BenchContext) -> list[Measurement]:
     latencies: list[float] = []
     for _ in range(rounds):
         with fresh_schema(url) as schema:
-            run = creations_round(_pg_opener(url, schema), total, CREATORS)
+            run = creations_round(pg_opener(url, schema), total, CREATORS)
             one.append(run.done / run.seconds)
             latencies += run.latencies
         with fresh_schema(url) as schema:
@@ -491,7 +488,7 @@ def creations_per_second(ctx: BenchContext) -> list[Measurement]:
     return [
         Measurement(
             name, statistics.median(one), "creations/s", "1 supervisor",
-            notes=f"{total} creates by {CREATORS} concurrent creators; rounds {_listing(one)}; "
+            notes=f"{total} creates by {CREATORS} concurrent creators; rounds {listing(one)}; "
             f"latency p50 {percentile(latencies, 50):.2f} ms, p99 "
             f"{percentile(latencies, 99):.2f} ms; {server}",
             params={**params, "supervisors": 1, "rounds_creations_per_second": one},
@@ -500,103 +497,9 @@ def creations_per_second(ctx: BenchContext) -> list[Measurement]:
             name, statistics.median(two), "creations/s", "2 supervisors",
             notes=(
                 f"two supervisor processes on one schema, {CREATORS} creators each making half; "
-                f"rounds {_listing(two)}"
+                f"rounds {listing(two)}"
             ),
             params={**params, "supervisors": 2, "rounds_creations_per_second": two},
-        ),
-    ]  # fmt: skip
-
-
-# ---------------------------------------------------------------------- three steps vs DBOS
-
-
-@benchmark(
-    "dbos.postgres_three_step_workflows",
-    "sequential three-step workflows on PostgreSQL: tenantflow vs DBOS, and the ratio",
-)
-def three_step_workflows(ctx: BenchContext) -> list[Measurement]:
-    """``dbos.three_step_workflows`` with both systems on PostgreSQL.
-
-    Method: ``count`` workflows ``x -> x + 1 -> * 2 -> - 3`` one after another after
-    ``WARMUP`` untimed ones (``engine_bench.three_step_sequential``); tenantflow (one
-    engine, in-process runner, fresh schema) then DBOS (``dbos_bench.run_dbos``: a
-    subprocess whose system database is a fresh PostgreSQL database) in each round;
-    rows are median rounds, the ratio the median of the rounds' ratios. DBOS's ms per
-    step is the marginal cost (3-step - 0-step workflow time) / 3.
-    """
-    count = ctx.size(100, 1_000)
-    rounds = _rounds(ctx)
-    url = postgres_url()
-    params: dict[str, Any] = {
-        "workflows": count, "warmup": WARMUP, "steps_per_workflow": 3, "rounds": rounds,
-    }  # fmt: skip
-    ratio_name = "ratio.tenantflow_vs_dbos_postgres"
-    try:
-        server = _check_server(url)
-    except PostgresUnavailable as exc:
-        return [
-            Measurement.skip("postgres.three_step_workflows", str(exc), unit="wf/s", params=params),
-            Measurement.skip(DBOS_ROW, str(exc), unit="wf/s", params=params),
-            Measurement.skip(
-                ratio_name, str(exc), unit="x", target=RATIO_TARGET,
-                direction=Direction.AT_LEAST, params=params,
-            ),
-        ]  # fmt: skip
-    timeout = 600.0 if ctx.full else 120.0
-    ours: list[float] = []
-    theirs: list[DbosRun] = []
-    skipped: str | None = None
-    for _ in range(rounds):
-        with fresh_schema(url) as schema:
-            ours.append(three_step_sequential(_pg_opener(url, schema), count, WARMUP).per_second)
-        if skipped is None:
-            try:
-                with fresh_database(url) as dbos_url:
-                    run = run_dbos(ctx.workdir, count, WARMUP, timeout, database_url=dbos_url)
-                theirs.append(run)
-            except DbosUnavailable as exc:
-                skipped = str(exc)
-    rows = [
-        Measurement(
-            "postgres.three_step_workflows", statistics.median(ours), "wf/s",
-            notes=f"{count} workflows; rounds {_listing(sorted(ours), 1)} wf/s; one engine, "
-            f"in-process runner; {server}",
-            params={**params, "rounds_wf_per_second": sorted(ours)},
-        )
-    ]  # fmt: skip
-    if skipped is not None:
-        return [
-            *rows,
-            Measurement.skip(DBOS_ROW, skipped, unit="wf/s", params=params),
-            Measurement.skip(
-                ratio_name, skipped, unit="x", target=RATIO_TARGET,
-                direction=Direction.AT_LEAST, params=params,
-            ),
-        ]  # fmt: skip
-    dbos_rates = sorted(r.per_second for r in theirs)
-    ratios = sorted(o / t.per_second for o, t in zip(ours, theirs, strict=True))
-    dbos_params = {**params, "dbos_version": theirs[0].version}
-    return [
-        *rows,
-        Measurement(
-            DBOS_ROW, statistics.median(dbos_rates), "wf/s",
-            notes=(
-                f"dbos {theirs[0].version}, system database on PostgreSQL (fresh database); "
-                f"{count} workflows; rounds {_listing(dbos_rates, 1)} wf/s"
-            ),
-            params={**dbos_params, "rounds_wf_per_second": dbos_rates},
-        ),
-        Measurement(
-            DBOS_ROW, statistics.median(r.ms_per_step for r in theirs),
-            "ms", label="per step",
-            notes="marginal: (3-step - 0-step workflow time) / 3, median round",
-            params=dbos_params,
-        ),
-        Measurement(
-            ratio_name, statistics.median(ratios), "x", target=RATIO_TARGET,
-            direction=Direction.AT_LEAST,
-            notes=f"median of the rounds' ratios ({_listing(ratios, 2)})",
-            params={**dbos_params, "rounds_ratio": ratios},
         ),
     ]  # fmt: skip
 
@@ -983,7 +886,7 @@ def cross_supervisor(ctx: BenchContext) -> list[Measurement]:
         "supervisors": "2 engines in one process",
     }  # fmt: skip
     try:
-        server = _check_server(url)
+        server = check_server(url)
     except PostgresUnavailable as exc:
         return [
             Measurement.skip(f"{base}.{what}", str(exc), unit="ms", label=label, params=params)
