@@ -86,6 +86,9 @@ class Session:
     channel: ActivationChannel | None = None
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     log_lines: int = 0
+    #: The status its own last commit set, when that ended the activation (finished or
+    #: parked); None if it ended otherwise (stopped, lease lost, crashed).
+    final_status: InstanceStatus | None = None
 
 
 def _check_name(name: object) -> str:
@@ -359,12 +362,13 @@ class ActivationDriver:
                 self._clock.now() - step.started_at, step.status is StepStatus.COMPLETE
             )
 
-        def unit(txn: StoreTxn) -> bool:
-            return txn.record_step(key, token, step) is InstanceStatus.WAITING_FOR_PAUSE
+        def unit(txn: StoreTxn) -> InstanceStatus | None:
+            return txn.record_step(key, token, step)
 
-        pause = await self._writer.submit(unit)
+        status = await self._writer.submit(unit)
+        pause = status is InstanceStatus.WAITING_FOR_PAUSE
         self.progress += 1
-        self._engine.notify_change(key)
+        self._engine.notify_change(key, status)  # the journal changed; the status did not
         # A draining supervisor stops its activations at this boundary too: the instance
         # goes back to the queue and a restart (or another supervisor) carries it on.
         return pause or self._engine.draining
@@ -550,6 +554,7 @@ class ActivationDriver:
         except LeaseLost:
             return None  # terminated or restarted meanwhile: the new owner decides
         known = status(value) if callable(status) else status
+        self._session.final_status = known
         self._engine.notify_change(self._session.key, known)
         return value
 

@@ -169,14 +169,25 @@ def check_payload(value: Any, what: str) -> None:
         raise PayloadTooLarge(f"{what} is {size} bytes, more than the limit of {MAX_PAYLOAD_BYTES}")
 
 
-class _Change:
-    """A watch on one instance: set at its next change, with its status when known."""
+#: What an instance with an activation on this supervisor may be in.
+_ACTIVE: Final = frozenset({InstanceStatus.RUNNING, InstanceStatus.WAITING_FOR_PAUSE})
 
-    __slots__ = ("event", "status")
+
+class _Change:
+    """A watch on one instance's changes: ``event`` is set (and replaced) at each one.
+
+    ``version`` counts the changes and ``status`` is the instance's status as of the
+    latest one when its committer knew it (None: read it). While ``wait_for_status``
+    callers hold it (``waiters``), it stays registered, so none of them can miss a
+    change between two waits; otherwise each change drops it (nothing to keep)."""
+
+    __slots__ = ("event", "status", "version", "waiters")
 
     def __init__(self) -> None:
         self.event = trio.Event()
         self.status: InstanceStatus | None = None
+        self.version = 0
+        self.waiters = 0
 
 
 class Engine:
@@ -220,6 +231,7 @@ class Engine:
         self.max_steps = max_steps
         self._current_version = current_version
         self._sessions: dict[int, Session] = {}
+        self._session_keys: dict[tuple[str, str], int] = {}  #: (tenant, id) -> key, running here
         self._claiming: set[int] = set()
         #: Instances being created already claimed (``_create_running``): slots taken
         #: before their key is known.
@@ -352,10 +364,15 @@ class Engine:
         it; a watcher waiting for that status then needs no read.
         """
         self._changes += 1
-        watch = self._changed.pop(key, None)
-        if watch is not None:
-            watch.status = status
-            watch.event.set()
+        watch = self._changed.get(key)
+        if watch is None:
+            return
+        watch.version += 1
+        watch.status = status
+        event, watch.event = watch.event, trio.Event()
+        if not watch.waiters:
+            del self._changed[key]
+        event.set()
 
     def notify_log(self, key: int) -> None:
         """An instance's log grew (wakes its log followers)."""
@@ -705,34 +722,45 @@ class Engine:
     ) -> InstanceStatus:
         """Return once the instance is in one of ``statuses`` (no timeout: wrap it in one)."""
         wanted = {InstanceStatus(s) for s in statuses}
-        changes = self._changes
-        record = await self._get_record(tenant_id, instance_id)
-        key = record.key
-        status: InstanceStatus | None = record.status
-        if status in wanted:
-            return record.status
+        check_tenant_id(tenant_id)
+        running_here = self._session_keys.get((tenant_id, instance_id))
+        if running_here is not None and not wanted & _ACTIVE:
+            # Its activation runs here: it is running (or waiting for a pause) until a
+            # commit of ours says otherwise, and every such commit notifies: no read.
+            key, reread = running_here, False
+            seen = self._watch(key).version
+        else:
+            changes = self._changes
+            record = await self._get_record(tenant_id, instance_id)
+            key = record.key
+            if record.status in wanted:
+                return record.status
+            seen = self._watch(key).version
+            reread = self._changes != changes  # it may have changed while we read it
         watch = self._watch(key)
-        reread = self._changes != changes  # it may have changed while we read it
-
-        def read_status(txn: StoreTxn) -> InstanceStatus | None:
-            return txn.get_status(key)
-
-        while True:
-            if reread:
-                status = await self._read(read_status)
-                if status in wanted:
-                    assert status is not None
-                    return status
-                if status is None:
-                    raise InstanceNotFound(tenant_id, instance_id)
-            await watch.event.wait()
-            if watch.status in wanted:
-                # Committed with that status after we started waiting: no read needed.
-                # (Any other status is read again: a later change may have been missed
-                # between that notification and the next watch.)
-                assert watch.status is not None
-                return watch.status
-            watch, reread = self._watch(key), True
+        watch.waiters += 1
+        try:
+            while True:
+                if reread:
+                    seen = watch.version  # what the read sees includes every change so far
+                    status = await self._read(lambda txn: txn.get_status(key))
+                    if status in wanted:
+                        assert status is not None
+                        return status
+                    if status is None:
+                        raise InstanceNotFound(tenant_id, instance_id)
+                if watch.version == seen:
+                    await watch.event.wait()
+                seen = watch.version
+                # The latest change's status, if its committer knew it: no read needed.
+                if watch.status in wanted:
+                    assert watch.status is not None
+                    return watch.status
+                reread = watch.status is None
+        finally:
+            watch.waiters -= 1
+            if not watch.waiters and self._changed.get(key) is watch:
+                del self._changed[key]
 
     async def put_code_version(self, tenant_id: str, version: str, files: bytes) -> None:
         """Store a tenant's code version (content-addressed; idempotent)."""
@@ -880,6 +908,7 @@ class Engine:
             key, record.tenant_id, record.instance_id, record.run_token, next(self._activation_ids)
         )
         self._sessions[key] = session
+        self._session_keys[(record.tenant_id, record.instance_id)] = key
         self._claiming.discard(key)
         self.stats.activations += 1
         self.notify_change(key, InstanceStatus.RUNNING)
@@ -902,9 +931,12 @@ class Engine:
             )
         finally:
             del self._sessions[key]
+            self._session_keys.pop((session.tenant_id, session.instance_id), None)
             self._sessions_did_change()
             self.dispatcher.release(tenant_id)
-            self.notify_change(key)
+            # Its last commit's status if that ended it (nothing ran since), else unknown:
+            # a wait_for_status that relied on this activation running reads it again.
+            self.notify_change(key, session.final_status)
 
     async def _drive(
         self, session: Session, record: InstanceRecord, steps: list[StepRecord]
