@@ -67,6 +67,7 @@ from ._notices import NoticeBoard
 from ._runner import Runner, RunnerError, RunTarget
 from ._storage import Notice, Outcome, Store, StoreTxn
 from ._timers import TimerService
+from ._watches import Watches
 from ._writer import GroupCommitWriter
 from .errors import (
     BadRequest,
@@ -173,23 +174,6 @@ def check_payload(value: Any, what: str) -> None:
 _ACTIVE: Final = frozenset({InstanceStatus.RUNNING, InstanceStatus.WAITING_FOR_PAUSE})
 
 
-class _Change:
-    """A watch on one instance's changes: ``event`` is set (and replaced) at each one.
-
-    ``version`` counts the changes and ``status`` is the instance's status as of the
-    latest one when its committer knew it (None: read it). While ``wait_for_status``
-    callers hold it (``waiters``), it stays registered, so none of them can miss a
-    change between two waits; otherwise each change drops it (nothing to keep)."""
-
-    __slots__ = ("event", "status", "version", "waiters")
-
-    def __init__(self) -> None:
-        self.event = trio.Event()
-        self.status: InstanceStatus | None = None
-        self.version = 0
-        self.waiters = 0
-
-
 class Engine:
     """Runs tenants' workflow instances durably on a ``Store`` through a ``Runner``."""
 
@@ -243,9 +227,7 @@ class Engine:
         )
         self.timers = TimerService(self)
         self.leases = LeaseKeeper(self)
-        self._changed: dict[int, _Change] = {}
-        self._changes = 0  #: notify_change calls so far (a read can tell it raced one)
-        self._logged: dict[int, trio.Event] = {}
+        self.watches = Watches()
         self._nursery: trio.Nursery | None = None
         self.recovered = 0
         self.stats = EngineStats()
@@ -363,36 +345,19 @@ class Engine:
         ``status``: its status as of the commit that changed it, when the caller knows
         it; a watcher waiting for that status then needs no read.
         """
-        self._changes += 1
-        watch = self._changed.get(key)
-        if watch is None:
-            return
-        watch.version += 1
-        watch.status = status
-        event, watch.event = watch.event, trio.Event()
-        if not watch.waiters:
-            del self._changed[key]
-        event.set()
+        self.watches.changed(key, status)
 
     def notify_log(self, key: int) -> None:
         """An instance's log grew (wakes its log followers)."""
-        logged = self._logged.pop(key, None)
-        if logged is not None:
-            logged.set()
+        self.watches.logged(key)
 
     def change_event(self, key: int) -> trio.Event:
         """An event set at the next change of this instance (take it before reading)."""
-        return self._watch(key).event
-
-    def _watch(self, key: int) -> _Change:
-        watch = self._changed.get(key)
-        if watch is None:
-            watch = self._changed[key] = _Change()
-        return watch
+        return self.watches.watch(key).event
 
     def log_event(self, key: int) -> trio.Event:
         """An event set when this instance's log next grows."""
-        return self._logged.setdefault(key, trio.Event())
+        return self.watches.log_event(key)
 
     # ------------------------------------------------------------------ the instance API
 
@@ -728,39 +693,23 @@ class Engine:
             # Its activation runs here: it is running (or waiting for a pause) until a
             # commit of ours says otherwise, and every such commit notifies: no read.
             key, reread = running_here, False
-            seen = self._watch(key).version
+            seen = self.watches.watch(key).version
         else:
-            changes = self._changes
+            changes = self.watches.changes
             record = await self._get_record(tenant_id, instance_id)
             key = record.key
             if record.status in wanted:
                 return record.status
-            seen = self._watch(key).version
-            reread = self._changes != changes  # it may have changed while we read it
-        watch = self._watch(key)
-        watch.waiters += 1
-        try:
-            while True:
-                if reread:
-                    seen = watch.version  # what the read sees includes every change so far
-                    status = await self._read(lambda txn: txn.get_status(key))
-                    if status in wanted:
-                        assert status is not None
-                        return status
-                    if status is None:
-                        raise InstanceNotFound(tenant_id, instance_id)
-                if watch.version == seen:
-                    await watch.event.wait()
-                seen = watch.version
-                # The latest change's status, if its committer knew it: no read needed.
-                if watch.status in wanted:
-                    assert watch.status is not None
-                    return watch.status
-                reread = watch.status is None
-        finally:
-            watch.waiters -= 1
-            if not watch.waiters and self._changed.get(key) is watch:
-                del self._changed[key]
+            seen = self.watches.watch(key).version
+            reread = self.watches.changes != changes  # it may have changed while we read it
+
+        async def read_status() -> InstanceStatus | None:
+            return await self._read(lambda txn: txn.get_status(key))
+
+        status = await self.watches.wait_for(key, wanted, read_status, seen=seen, reread=reread)
+        if status is None:
+            raise InstanceNotFound(tenant_id, instance_id)
+        return status
 
     async def put_code_version(self, tenant_id: str, version: str, files: bytes) -> None:
         """Store a tenant's code version (content-addressed; idempotent)."""
