@@ -510,7 +510,7 @@ class ActivationDriver:
             )
             txn.announce(Notice.CHANGED, key)
 
-        await self._submit_fenced(unit, status)
+        await self._submit_fenced(unit, lambda _: status)
 
     async def suspend(self) -> None:
         """Park the instance: paused, waiting for its earliest timer, or queued again."""
@@ -544,16 +544,14 @@ class ActivationDriver:
             elif wake is not None:
                 self._engine.kick_timers(wake)
 
-    async def _submit_fenced(
-        self, unit: Any, status: InstanceStatus | Callable[[Any], InstanceStatus]
-    ) -> Any:
-        """Commit a unit that sets the instance's status (``status``, or a function of
-        the unit's value giving it) and tell its watchers."""
+    async def _submit_fenced(self, unit: Any, status_of: Callable[[Any], InstanceStatus]) -> Any:
+        """Commit a unit that sets the instance's status (``status_of`` its value) and
+        tell its watchers."""
         try:
             value = await self._writer.submit(unit)
         except LeaseLost:
             return None  # terminated or restarted meanwhile: the new owner decides
-        known = status(value) if callable(status) else status
+        known = status_of(value)
         self._session.final_status = known
         self._engine.notify_change(self._session.key, known)
         return value

@@ -62,7 +62,6 @@ class FairDispatcher:
         #: Per tenant in the middle of a quantum: (its place before the quantum, turns
         #: taken in it). Its place is kept while its sandbox stays warm.
         self._quantum: dict[str, tuple[int, int]] = {}
-        self._warm: Collection[str] = ()
         self.wakeup = trio.Event()
         self.idle = False
         self._reread = True  #: read which tenants have queued instances from the database
@@ -87,13 +86,13 @@ class FairDispatcher:
             self._quantum.pop(tenant_id, None)
         self._last_served[tenant_id] = next(self._served)
 
-    def _turn(self, tenant_id: str) -> tuple[int, int, int, str]:
+    def _turn(self, tenant_id: str, warm: Collection[str]) -> tuple[int, int, int, str]:
         """Who goes first among queued tenants: fewest running, then longest unserved,
         counting a warm tenant in the middle of its quantum from before the quantum (and
         ahead of the others served as long ago: its turn is not over); then by name, so
         that ties do not depend on a set's order."""
         quantum = self._quantum.get(tenant_id)
-        if quantum is not None and tenant_id in self._warm:
+        if quantum is not None and tenant_id in warm:
             return self.running[tenant_id], quantum[0], 0, tenant_id
         return self.running[tenant_id], self._last_served.get(tenant_id, -1), 1, tenant_id
 
@@ -153,8 +152,12 @@ class FairDispatcher:
         # The tenants that can get a slot this round: fewest running first, then the one
         # served longest ago. At most `free` of them can win a slot: a partial selection,
         # O(T log free), not a sort of every queued tenant each round.
-        self._warm = engine.runner.warm_tenants()
-        chosen = heapq.nsmallest(free, candidates, key=self._turn)
+        warm = engine.runner.warm_tenants()
+
+        def turn(tenant_id: str) -> tuple[int, int, int, str]:
+            return self._turn(tenant_id, warm)
+
+        chosen = heapq.nsmallest(free, candidates, key=turn)
         busy = engine.busy_keys()
         wanted = {t: min(free, self.room(t)) + len(busy) for t in chosen}
         self._kicked.clear()
@@ -165,7 +168,7 @@ class FairDispatcher:
         heads = await engine.read(read_heads)
         queues = {t: [key for key, _ in rows if key not in busy] for t, rows in heads.items()}
         started = 0
-        heap = [self._turn(t) for t in queues if queues[t]]
+        heap = [turn(t) for t in queues if queues[t]]
         heapq.heapify(heap)
         while heap and started < free:
             tenant_id = heapq.heappop(heap)[-1]
@@ -176,7 +179,7 @@ class FairDispatcher:
             engine.start_instance(key, tenant_id)
             started += 1
             if queues[tenant_id]:
-                heapq.heappush(heap, self._turn(tenant_id))
+                heapq.heappush(heap, turn(tenant_id))
         for tenant_id, rows in heads.items():
             saw_all = len(rows) < wanted[tenant_id]
             left = queues[tenant_id] or any(key in busy for key, _ in rows)

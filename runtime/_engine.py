@@ -421,23 +421,18 @@ class Engine:
         owner = self.owner if self.store.shared else None
         lease = self.lease_seconds if self.store.shared else None
 
-        def unit(txn: StoreTxn) -> InstanceRecord | None:
-            record = txn.insert_claimed(
+        def unit(txn: StoreTxn) -> InstanceRecord:
+            return txn.insert_claimed(
                 tenant_id, instance_id, workflow_name, code_version, params, now, owner, lease
             )
-            if record is None:  # not expected (the row is ours): leave it to the queue
-                txn.announce(Notice.QUEUED, tenant_id)
-            return record
 
         def then(outcome: Outcome) -> None:
             self._starting -= 1
-            record = outcome.value
-            if outcome.error is not None or record is None or self._nursery is None:
+            if outcome.error is not None or self._nursery is None:
                 self._sessions_did_change()
                 self.dispatcher.release(tenant_id)
-                if outcome.error is None:
-                    self.kick_dispatch(tenant_id)
                 return
+            record: InstanceRecord = outcome.value
             session = self._open_session(record)
             self._nursery.start_soon(self._run_session, session, record, [])
 
@@ -564,10 +559,8 @@ class Engine:
     async def resume(self, tenant_id: str, instance_id: str) -> InstanceStatus:
         """Continue a paused instance, shifting its pending timers by the time it was paused."""
         now = self.clock.now()
-        timer: list[float] = []  # the timer it waits for again, if any
 
         def unit(txn: StoreTxn) -> tuple[int, InstanceStatus]:
-            timer.clear()
             record = self._require(txn, tenant_id, instance_id)
             status = record.status
             if status is InstanceStatus.WAITING_FOR_PAUSE:
@@ -593,13 +586,11 @@ class Engine:
             txn.update_instance(
                 record.key, now, status=InstanceStatus.WAITING, paused_at=None, wake_at=wake
             )
-            if wake is not None:
-                timer.append(wake)
             return record.key, InstanceStatus.WAITING
 
         status = await self._admin(tenant_id, unit)
-        if timer:
-            self.kick_timers(timer[0])
+        if status is InstanceStatus.WAITING:
+            self.kick_timers()  # it waits for a timer again: a round reads when
         return status
 
     async def terminate(self, tenant_id: str, instance_id: str) -> InstanceStatus:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -118,6 +118,12 @@ class LeaseKeeper:
         """Give back leases we hold with no activation behind them (see the module)."""
         engine = self._engine
         now = engine.clock.now()
+        # A running one goes back to the queue (woken first); one a pause waited for is
+        # paused now.
+        given_back: dict[InstanceStatus, dict[str, Any]] = {
+            InstanceStatus.RUNNING: {"status": InstanceStatus.QUEUED, "priority": 0},
+            InstanceStatus.WAITING_FOR_PAUSE: {"status": InstanceStatus.PAUSED, "paused_at": now},
+        }
 
         def unit(txn: StoreTxn) -> Recovered:
             released = []
@@ -125,26 +131,10 @@ class LeaseKeeper:
                 record = txn.get_instance_by_key(key)
                 if record is None or record.run_token != token:
                     continue
-                if record.status is InstanceStatus.RUNNING:
-                    txn.update_instance(
-                        key,
-                        now,
-                        token=token,
-                        status=InstanceStatus.QUEUED,
-                        priority=0,
-                        new_token=True,
-                    )
-                elif record.status is InstanceStatus.WAITING_FOR_PAUSE:
-                    txn.update_instance(
-                        key,
-                        now,
-                        token=token,
-                        status=InstanceStatus.PAUSED,
-                        paused_at=now,
-                        new_token=True,
-                    )
-                else:
+                changes = given_back.get(record.status)
+                if changes is None:
                     continue
+                txn.update_instance(key, now, token=token, new_token=True, **changes)
                 released.append((key, record.tenant_id))
                 txn.announce(Notice.QUEUED, record.tenant_id)
             return released

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ._models import InstanceRecord, InstanceStatus, InstanceSummary, LogRecord, StepRecord
+from .errors import StorageError
 
 __all__ = ["Notice", "Outcome", "Store", "StoreTxn", "Unit", "open_store"]
 
@@ -147,11 +148,14 @@ class StoreTxn(ABC):
         now: float,
         owner: str | None = None,
         lease_seconds: float | None = None,
-    ) -> InstanceRecord | None:
+    ) -> InstanceRecord:
         """``insert_instance`` then ``claim_queued``: a new instance, already ``running``
         under its first token (a backend may do it in one statement)."""
         key = self.insert_instance(tenant_id, instance_id, workflow_name, code_version, params, now)
-        return self.claim_queued(key, now, owner, lease_seconds)
+        record = self.claim_queued(key, now, owner, lease_seconds)
+        if record is None:  # the row is this transaction's own: nobody else can hold it
+            raise StorageError(f"instance {key} could not be claimed by its own insert")
+        return record
 
     @abstractmethod
     def queued_keys(self, limit: int) -> list[int]:

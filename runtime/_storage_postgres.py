@@ -61,6 +61,7 @@ from ._storage_sql import (
     _instance,
     _pack,
     _step,
+    _step_values,
 )
 from .errors import InstanceAlreadyExists, LeaseLost, StorageError
 
@@ -225,25 +226,6 @@ def _text(value: str) -> str:
     return value.replace("\x00", "\ufffd") if "\x00" in value else value
 
 
-def _step_values(step: StepRecord) -> tuple[Any, ...]:
-    """A journal row's columns after ``key`` (and the fencing token), in _STEP_INSERT order."""
-    return (
-        step.seq,
-        step.name,
-        step.count,
-        step.kind.value,
-        step.status.value,
-        step.attempts,
-        step.started_at,
-        step.ended_at,
-        None if step.output is None else _pack(step.output),
-        _text(step.error.name) if step.error else None,
-        _text(step.error.message) if step.error else None,
-        step.wake_at,
-        step.event_type,
-    )
-
-
 def _schema_from_url(url: str) -> str | None:
     """The first schema of ``options=-csearch_path=...`` in the URL, if it names one."""
     try:
@@ -287,17 +269,7 @@ class PostgresTxn(SqlTxn):
         params: Any,
         now: float,
     ) -> int:
-        # ON CONFLICT DO NOTHING rather than catching UniqueViolation: a duplicate is
-        # reported without an error, so the transaction is never left aborted.
-        row = self._c.execute(
-            "INSERT INTO instances (tenant_id, instance_id, workflow_name, code_version,"
-            " status, params, created_at, updated_at, ready_at, priority)"
-            " VALUES (%s, %s, %s, %s, 'queued', %s, %s, %s, %s, 1)"
-            " ON CONFLICT (tenant_id, instance_id) DO NOTHING RETURNING key",
-            (tenant_id, instance_id, workflow_name, code_version, _pack(params), now, now, now),
-        ).fetchone()
-        if row is None:
-            raise InstanceAlreadyExists(tenant_id, instance_id)
+        row = self._insert(tenant_id, instance_id, workflow_name, code_version, params, now)
         key: int = row[0]
         return key
 
@@ -374,32 +346,49 @@ class PostgresTxn(SqlTxn):
         now: float,
         owner: str | None = None,
         lease_seconds: float | None = None,
-    ) -> InstanceRecord | None:
+    ) -> InstanceRecord:
         # One statement: inserted running under token 1 (what claim_queued would make of
         # a new row's 0), leased by the database's clock.
-        row = self._c.execute(
+        row = self._insert(
+            tenant_id, instance_id, workflow_name, code_version, params, now,
+            claim=(owner, lease_seconds),
+        )  # fmt: skip
+        return _instance(row)
+
+    def _insert(
+        self,
+        tenant_id: str,
+        instance_id: str,
+        workflow_name: str,
+        code_version: str,
+        params: Any,
+        now: float,
+        *,
+        claim: tuple[str | None, float | None] | None = None,
+    ) -> tuple[Any, ...]:
+        """Insert a new instance, ``queued`` (returning its key) or, with ``claim`` (owner,
+        lease seconds), ``running`` under token 1 (returning the whole row)."""
+        status, token, owner, lease = "queued", 0, None, None
+        if claim is not None:
+            status, token, (owner, lease) = "running", 1, claim
+        returning = "key" if claim is None else _INSTANCE_COLUMNS
+        # ON CONFLICT DO NOTHING rather than catching UniqueViolation: a duplicate is
+        # reported without an error, so the transaction is never left aborted.
+        row: tuple[Any, ...] | None = self._c.execute(
             "INSERT INTO instances (tenant_id, instance_id, workflow_name, code_version,"
             " status, params, created_at, updated_at, ready_at, priority, run_token, owner,"
             " lease_expires_at)"
-            " VALUES (%s, %s, %s, %s, 'running', %s, %s, %s, %s, 1, 1, %s,"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, 1, %s, %s,"
             f" {_DB_NOW} + %s::double precision)"
-            f" ON CONFLICT (tenant_id, instance_id) DO NOTHING RETURNING {_INSTANCE_COLUMNS}",
+            f" ON CONFLICT (tenant_id, instance_id) DO NOTHING RETURNING {returning}",
             (
-                tenant_id,
-                instance_id,
-                workflow_name,
-                code_version,
-                _pack(params),
-                now,
-                now,
-                now,
-                owner,
-                lease_seconds,
+                tenant_id, instance_id, workflow_name, code_version, status, _pack(params),
+                now, now, now, token, owner, lease,
             ),
-        ).fetchone()
+        ).fetchone()  # fmt: skip
         if row is None:
             raise InstanceAlreadyExists(tenant_id, instance_id)
-        return _instance(row)
+        return row
 
     def claim_queued(
         self, key: int, now: float, owner: str | None = None, lease_seconds: float | None = None
@@ -480,7 +469,7 @@ class PostgresTxn(SqlTxn):
         return {r[0]: r[1] for r in cur.fetchall()}
 
     def put_step(self, key: int, token: int | None, step: StepRecord) -> None:
-        values = _step_values(step)
+        values = _step_values(step, _text)
         if token is None:
             self._c.execute(_PUT_STEP, (key, *values))
             return
@@ -490,7 +479,9 @@ class PostgresTxn(SqlTxn):
     def record_step(self, key: int, token: int | None, step: StepRecord) -> InstanceStatus | None:
         if token is None:
             return super().record_step(key, token, step)
-        row = self._c.execute(_RECORD_STEP_FENCED, (key, token, *_step_values(step))).fetchone()
+        row = self._c.execute(
+            _RECORD_STEP_FENCED, (key, token, *_step_values(step, _text))
+        ).fetchone()
         if row is None:
             raise LeaseLost(f"instance {key} is no longer held with token {token}")
         return InstanceStatus(row[0])

@@ -9,7 +9,7 @@ engines (upserts, locking clauses, fencing) stay in each backend.
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgpack
@@ -63,6 +63,26 @@ def _instance(row: tuple[Any, ...]) -> InstanceRecord:
         wake_at=row[12],
         paused_at=row[13],
         run_token=row[14],
+    )
+
+
+def _step_values(step: StepRecord, text: Callable[[str], str] = str) -> tuple[Any, ...]:
+    """A journal row's columns after ``key``, in the order of the steps table (``text``
+    cleans free text a backend cannot store as it is)."""
+    return (
+        step.seq,
+        step.name,
+        step.count,
+        step.kind.value,
+        step.status.value,
+        step.attempts,
+        step.started_at,
+        step.ended_at,
+        None if step.output is None else _pack(step.output),
+        text(step.error.name) if step.error else None,
+        text(step.error.message) if step.error else None,
+        step.wake_at,
+        step.event_type,
     )
 
 

@@ -28,6 +28,7 @@ from ._storage_sql import (
     _instance,
     _pack,
     _step,
+    _step_values,
 )
 from .errors import InstanceAlreadyExists, LeaseLost, StorageError
 
@@ -279,22 +280,7 @@ class SqliteTxn(SqlTxn):
         return {r[0]: r[1] for r in rows.fetchall()}
 
     def put_step(self, key: int, token: int | None, step: StepRecord) -> None:
-        values = (
-            key,
-            step.seq,
-            step.name,
-            step.count,
-            step.kind.value,
-            step.status.value,
-            step.attempts,
-            step.started_at,
-            step.ended_at,
-            None if step.output is None else _pack(step.output),
-            step.error.name if step.error else None,
-            step.error.message if step.error else None,
-            step.wake_at,
-            step.event_type,
-        )
+        values = (key, *_step_values(step))
         sql = (
             "INSERT OR REPLACE INTO steps (key, seq, name, count, kind, status, attempts,"
             " started_at, ended_at, output, error_name, error_message, wake_at, event_type)"
